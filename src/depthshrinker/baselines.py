@@ -1,0 +1,22 @@
+"""Baselines trained through the same engine: the dense teacher (and, later, uniform width and channel
+pruning)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import build_loaders
+from .models import create_model
+from .train import train_stage
+
+
+def train_dense(config: dict, out: str | Path) -> dict:
+    """Train (or finetune from ImageNet weights) the dense network that every cell starts from and distils
+    from; writes ``out`` and its metrics ``.json``."""
+    loaders = build_loaders(config["data"], config["seed"])
+    m = config["model"]
+    torch.manual_seed(config["seed"])  # the random init (and a new classifier) is part of the run
+    model = create_model(m["arch"], loaders[2], m["small_input"], m["pretrained"])
+    spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders[2], "small_input": m["small_input"]}
+    return train_stage(config, "dense", model, spec, out, loaders)

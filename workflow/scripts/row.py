@@ -1,0 +1,3 @@
+from depthshrinker.report import combine
+
+combine(snakemake.input, snakemake.output[0])

@@ -1,0 +1,6 @@
+from depthshrinker.search import search
+from depthshrinker.train import configure
+
+configure(snakemake.threads, snakemake.log[0])
+w = snakemake.wildcards
+search(snakemake.config, snakemake.input.dense, snakemake.output.model, w.granularity, float(w.keep))

@@ -1,0 +1,3 @@
+from depthshrinker.report import summarize
+
+summarize(snakemake.input, snakemake.output[0])
