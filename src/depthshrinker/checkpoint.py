@@ -11,6 +11,7 @@ Other kinds (the merged network) register a builder in ``BUILDERS``.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -37,11 +38,14 @@ def build_timm(spec: dict) -> nn.Module:
 
 
 BUILDERS: dict[str, Callable[[dict], nn.Module]] = {"timm": build_timm}
+BUILDER_MODULES = {"plain": "depthshrinker.plain"}  # higher layers register their kinds when imported
 
 
 def build(spec: dict) -> nn.Module:
     """A fresh network (random weights) from its spec."""
     kind = spec.get("kind", "timm")
+    if kind not in BUILDERS and kind in BUILDER_MODULES:
+        importlib.import_module(BUILDER_MODULES[kind])
     if kind not in BUILDERS:
         raise ConfigError(f"checkpoint spec: unknown kind '{kind}' (known: {', '.join(BUILDERS)})")
     return BUILDERS[kind](spec)
