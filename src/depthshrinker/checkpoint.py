@@ -38,7 +38,7 @@ def build_timm(spec: dict) -> nn.Module:
 
 
 BUILDERS: dict[str, Callable[[dict], nn.Module]] = {"timm": build_timm}
-BUILDER_MODULES = {"plain": "depthshrinker.plain"}  # higher layers register their kinds when imported
+BUILDER_MODULES = {"plain": "depthshrinker.plain", "pruned": "depthshrinker.pruning"}  # higher layers register their kinds when imported
 
 
 def build(spec: dict) -> nn.Module:
