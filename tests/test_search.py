@@ -17,7 +17,7 @@ def _search_ckpt(tmp_path, scores):
     with torch.no_grad():
         gates.scores.copy_(torch.tensor(scores))
     spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True,
-            "gates": {"granularity": "block", "keep_ratio": 0.4}}
+            "gates": {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4}}
     save(tmp_path / "search.pt", model, spec)
     return tmp_path / "search.pt"
 
@@ -38,8 +38,8 @@ def test_extract_keeps_the_smallest_scores_deterministically(tmp_path):
 def test_search_then_finetune_end_to_end(micro_config, tmp_path):
     dense = tmp_path / "dense.pt"
     train_dense(micro_config, dense)
-    search(micro_config, dense, tmp_path / "s1.pt", "block", 0.5)
-    search(micro_config, dense, tmp_path / "s2.pt", "block", 0.5)
+    search(micro_config, dense, tmp_path / "s1.pt", "depthshrinker", "block", 0.5)
+    search(micro_config, dense, tmp_path / "s2.pt", "depthshrinker", "block", 0.5)
     m1, m2 = extract(tmp_path / "s1.pt", tmp_path / "m1.json"), extract(tmp_path / "s2.pt", tmp_path / "m2.json")
     assert m1 == m2, "same seed, same mask"
     scores = load(tmp_path / "s1.pt")["state_dict"]["ds_gates.scores"]

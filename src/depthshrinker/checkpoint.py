@@ -4,8 +4,9 @@ loadable with ``torch.load(weights_only=True)``, written atomically.
 Spec of a timm-based network::
 
     {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": true,
-     "gates": null | {"granularity": "block", "keep_ratio": 0.4},            # stage-1 search
-     "mask":  null | {"granularity": "block", "keep": [0, 1, ...], "free_act": "none"}}   # stage 2
+     "gates": null | {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, ...},  # stage 1
+     "mask":  null | {"granularity": "block", "keep": [0, 1, ...], "free_act": "none"}     # stage 2
+                   | {"method": "snl", "granularity": "pixel", "shapes": {act path: shape}}}
 
 Other kinds (the merged network) register a builder in ``BUILDERS``.
 """
@@ -22,18 +23,16 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .gates import apply_keep, install_topk_gates
-from .models import activation_units, create_model
+from .gates import apply_mask_spec, install_search_gates
+from .models import create_model
 
 
 def build_timm(spec: dict) -> nn.Module:
     model = create_model(spec["arch"], spec["num_classes"], spec.get("small_input", False), width=spec.get("width"))
     if spec.get("gates"):
-        gates = spec["gates"]
-        install_topk_gates(model, activation_units(model, gates["granularity"]), gates["keep_ratio"])
+        install_search_gates(model, {"method": "depthshrinker", **spec["gates"]})
     if spec.get("mask"):
-        mask = spec["mask"]
-        apply_keep(model, activation_units(model, mask["granularity"]), mask["keep"], mask.get("free_act", "none"))
+        apply_mask_spec(model, spec["mask"])
     return model
 
 

@@ -22,13 +22,14 @@ def cmd_train_dense(args):
 def cmd_search(args):
     from .search import search
 
-    return {"top1": search(_config(args), args.dense, args.out, args.granularity, args.keep)["top1"]}
+    return {"top1": search(_config(args), args.dense, args.out, args.method, args.granularity, args.keep,
+                           args.costs)["top1"]}
 
 
 def cmd_extract(args):
     from .search import extract
 
-    return {k: v for k, v in extract(args.search, args.out).items() if k != "units"}
+    return {k: v for k, v in extract(args.search, args.out).items() if k not in ("units", "layers")}
 
 
 def cmd_finetune(args):
@@ -68,7 +69,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="checkpoint to write (metrics go next to it as .json)")
     s = with_config(add("search", cmd_search, "stage 1: search which activation units to keep"))
     s.add_argument("--dense", required=True, help="dense checkpoint")
-    s.add_argument("--granularity", choices=["block", "layer"], default="block")
+    s.add_argument("--method", choices=["depthshrinker", "snl"], default="depthshrinker")
+    s.add_argument("--granularity", choices=["block", "layer", "channel", "pixel", "element"], default="block")
+    s.add_argument("--costs", default=None, help="cost table CSV for a latency-aware DepthShrinker search")
     s.add_argument("--keep", type=float, required=True, help="keep ratio: fraction of units that KEEP their act")
     s.add_argument("--out", required=True)
     s = add("extract", cmd_extract, "extract the keep-list of a search checkpoint to JSON")

@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .gates import GatedAct
+from .gates import GateAct, is_gate_param
 
 PLAIN_ACTS = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh(0, 6)
 
 
 def params(model: nn.Module) -> int:
-    """Parameters of the network proper (search scores excluded)."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("ds_gates."))
+    """Parameters of the network proper (gate scores and SNL masks excluded)."""
+    return sum(p.numel() for name, p in model.named_parameters() if not is_gate_param(name))
 
 
 @torch.no_grad()
@@ -37,18 +37,16 @@ def nonlinear(model: nn.Module, input_size: int) -> dict:
     layers: list[tuple[str, str, int]] = []
     handles = []
     for path, module in model.named_modules():
-        if isinstance(module, GatedAct):
-            kind = "relu6" if module.fn is torch.nn.functional.relu6 else "relu"
-            fraction = module.active_fraction
+        if isinstance(module, GateAct):
+            kind, active = module.kind, module.active_elements
         elif isinstance(module, PLAIN_ACTS):
             is_relu6 = isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0)
-            kind = "relu6" if is_relu6 else "relu"
-            fraction = lambda: 1.0  # noqa: E731
+            kind, active = ("relu6" if is_relu6 else "relu"), torch.Tensor.numel
         else:
             continue
 
-        def hook(_module, inputs, _output, path=path, kind=kind, fraction=fraction):
-            elements = round(inputs[0][0].numel() * fraction())
+        def hook(_module, inputs, _output, path=path, kind=kind, active=active):
+            elements = active(inputs[0][0])
             if elements:
                 layers.append((path, kind, elements))
 

@@ -1,4 +1,5 @@
-"""Activation gates: the DepthShrinker stage-1 top-k gate and the fixed keep-masks of stage 2.
+"""Activation gates: DepthShrinker's top-k unit gate, the SNL baselines (channel/pixel top-k, element soft
+masks), and the fixed masks of stage 2.
 
 Search (Fu et al. 2022, Sec. 3.2): one score ``s_i`` per unit, ``ŝ = clamp(s, 0, 1)``; every step the
 ``round(keep_ratio * L)`` units with the SMALLEST scores keep their activation (``b_i = 0``), the others are
@@ -11,12 +12,15 @@ is exactly ``act(x)`` or exactly ``x`` in the forward pass and passes ``∂L/∂
 """
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
-from .models import Unit, set_pad_first
+from .models import Unit, activation_units, set_pad_first
 
 
 def num_kept(keep_ratio: float, num_units: int) -> int:
@@ -32,8 +36,42 @@ def keep_from_scores(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return keep
 
 
+def is_gate_param(name: str) -> bool:
+    """Gate scores and SNL masks: trained with the weights, but never weight-decayed or counted as weights."""
+    return name.rsplit(".", 1)[-1] in ("scores", "alpha")
+
+
+def straight_through(hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``b - ŝ.detach() + ŝ`` with ŝ = clamp(s, 0, 1) whose gradient is passed straight through: the forward
+    value is exactly ``b``. With torch's own clamp, scores that start at 0 get no gradient and a score that
+    once leaves [0, 1] is frozen for good; passing it keeps every score a running sum of its gradient signal,
+    which is what the top-k ranks."""
+    return hard.to(scores.dtype) + (scores - scores.detach())
+
+
+class GateAct(nn.Module):
+    """An activation blended with the identity: ``y = act(x) + (x - act(x)) * r`` where ``r`` (the removal
+    indicator, broadcast over the input) is 0 to keep the activation and 1 to remove it."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.kind = "relu6" if isinstance(act, nn.ReLU6) else "relu"
+
+    def removal(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu6(x) if self.kind == "relu6" else F.relu(x)  # never in place: x is needed afterwards
+        return a + (x - a) * self.removal()
+
+    @torch.no_grad()
+    def active_elements(self, x: torch.Tensor) -> int:
+        """Elements of one input ``x`` (C, H, W) that still pass through the activation."""
+        return int((self.removal().detach().expand(1, *x.shape) < 0.5).sum())
+
+
 class TopKGates(nn.Module):
-    """The L unit scores of a DepthShrinker search; calling it gives the removal indicator r (1 = identity)."""
+    """The L unit scores of a DepthShrinker search; calling it gives the removal indicators r (1 = identity)."""
 
     def __init__(self, num_units: int, keep_ratio: float):
         super().__init__()
@@ -43,38 +81,62 @@ class TopKGates(nn.Module):
     def keep(self) -> torch.Tensor:
         return keep_from_scores(self.scores, self.keep_ratio)
 
-    def soft(self) -> torch.Tensor:
-        """ŝ = clamp(s, 0, 1) whose gradient is passed straight through. With torch's clamp, scores that start
-        at 0 get no gradient, and a score that once leaves [0, 1] is frozen there for good; passing it keeps
-        every score a running sum of its gradient signal, which is what the top-k ranks."""
-        s = self.scores
-        return s + (s.clamp(0, 1) - s).detach()
-
     def forward(self) -> torch.Tensor:
-        soft = self.soft()
-        hard = (~self.keep()).to(soft.dtype)
-        return hard - soft.detach() + soft
+        return straight_through(~self.keep(), self.scores)
 
 
-class GatedAct(nn.Module):
-    """An activation whose unit is switched on or off by ``TopKGates`` (the straight-through form above)."""
+class GatedAct(GateAct):
+    """One activation of a DepthShrinker unit, switched by the model's shared ``TopKGates``."""
 
     def __init__(self, act: nn.Module, gates: TopKGates, unit: int):
-        super().__init__()
-        self.fn = F.relu6 if isinstance(act, nn.ReLU6) else F.relu  # never in place: x is needed afterwards
+        super().__init__(act)
         self._gates = (gates,)  # a plain reference: the gates are registered once, on the model
         self.unit = unit
 
     def removal(self) -> torch.Tensor:
         return self._gates[0]()[self.unit]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.fn(x)
-        return a + (x - a) * self.removal()
 
-    def active_fraction(self) -> float:
-        """Fraction of this activation's elements that are nonlinear (counted by ``counting``)."""
-        return 1.0 - float(self.removal().detach())
+class LayerTopKGate(GateAct):
+    """SNL baseline of the private-inference fork: one score per channel (1, C, 1, 1) or per pixel shared across
+    channels (1, 1, H, W); the same keep ratio in every layer, the same hard top-k straight-through gate."""
+
+    def __init__(self, act: nn.Module, shape: tuple[int, ...], keep_ratio: float):
+        super().__init__(act)
+        self.keep_ratio = keep_ratio
+        self.scores = nn.Parameter(torch.zeros(shape))
+
+    def removal(self) -> torch.Tensor:
+        keep = keep_from_scores(self.scores.flatten(), self.keep_ratio).view(self.scores.shape)
+        return straight_through(~keep, self.scores)
+
+
+class SoftMaskAct(GateAct):
+    """SNL (Cho et al., ICML 2022): a continuous mask per element, ``y = relu(x)·α + (1 − α)·x``, α from 1."""
+
+    threshold = 0.01  # SNL binarizes α > 0.01
+
+    def __init__(self, act: nn.Module, shape: tuple[int, ...]):
+        super().__init__(act)
+        self.alpha = nn.Parameter(torch.ones(shape))
+
+    def removal(self) -> torch.Tensor:
+        return 1 - self.alpha
+
+    @torch.no_grad()
+    def active_elements(self, x: torch.Tensor) -> int:
+        return int((self.alpha.expand(1, *x.shape) > self.threshold).sum())
+
+
+class MaskedAct(GateAct):
+    """A fixed binary keep-mask (1 = keep the activation) of any shape broadcastable to the input (SNL stage 2)."""
+
+    def __init__(self, act: nn.Module, shape: tuple[int, ...]):
+        super().__init__(act)
+        self.register_buffer("mask", torch.ones(shape))
+
+    def removal(self) -> torch.Tensor:
+        return 1 - self.mask
 
 
 def install_topk_gates(model: nn.Module, units: list[Unit], keep_ratio: float) -> TopKGates:
@@ -86,6 +148,92 @@ def install_topk_gates(model: nn.Module, units: list[Unit], keep_ratio: float) -
         for path in unit.acts:
             model.set_submodule(path, GatedAct(model.get_submodule(path), gates, i))
     return gates
+
+
+SNL_SHAPES = {"channel": lambda c, h, w: (1, c, 1, 1), "pixel": lambda c, h, w: (1, 1, h, w),
+              "element": lambda c, h, w: (1, c, h, w)}
+
+
+@torch.no_grad()
+def activation_shapes(model: nn.Module, paths: list[str], input_size: int) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of the input of each activation module in ``paths``, from one forward pass."""
+    shapes, handles = {}, []
+    for path in paths:
+        hook = (lambda p: lambda _m, inputs, _o: shapes.__setitem__(p, tuple(inputs[0].shape[1:])))(path)
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def install_layer_gates(model: nn.Module, units: list[Unit], granularity: str, keep_ratio: float,
+                        input_size: int) -> dict[str, GateAct]:
+    """SNL gates on every activation: ``channel``/``pixel`` top-k gates at ``keep_ratio`` in every layer, or
+    ``element`` soft masks (their global budget is enforced by the search)."""
+    paths = [path for unit in units for path in unit.acts]
+    shapes = activation_shapes(model, paths, input_size)
+    gates = {}
+    for path in paths:
+        act, shape = model.get_submodule(path), SNL_SHAPES[granularity](*shapes[path])
+        gates[path] = SoftMaskAct(act, shape) if granularity == "element" else LayerTopKGate(act, shape, keep_ratio)
+        model.set_submodule(path, gates[path])
+    return gates
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Stage-2 form of SNL masks: each named activation becomes a MaskedAct holding its binary mask."""
+    for path, mask in masks.items():
+        gate = MaskedAct(model.get_submodule(path), tuple(mask.shape))
+        gate.mask.copy_(mask)
+        model.set_submodule(path, gate)
+    return model
+
+
+def encode_bits(mask: torch.Tensor) -> str:
+    """A binary mask as base64 of its packed bits (row-major), for the mask JSON."""
+    return base64.b64encode(np.packbits(mask.flatten().bool().numpy()).tobytes()).decode()
+
+
+def decode_bits(text: str, shape: list[int]) -> torch.Tensor:
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[: int(np.prod(shape))]
+    return torch.tensor(bits, dtype=torch.float32).view(*shape)
+
+
+class SNLBudget(nn.Module):
+    """State of SNL's λ schedule, kept as buffers so that a resumed search continues it."""
+
+    def __init__(self, budget: int, lam: float, growth: float):
+        super().__init__()
+        self.growth = growth
+        self.register_buffer("budget", torch.tensor(budget))
+        self.register_buffer("lam", torch.tensor(lam, dtype=torch.float64))
+        self.register_buffer("best", torch.tensor(torch.iinfo(torch.int64).max))
+
+    def penalty(self, masks: list[SoftMaskAct]) -> torch.Tensor:
+        return self.lam.float() * sum(m.alpha.abs().sum() for m in masks)
+
+    def end_epoch(self, count: int) -> bool:
+        """Grow λ unless ``count`` is a new low; True once the budget is met."""
+        if count >= int(self.best):
+            self.lam *= self.growth
+        self.best.fill_(min(count, int(self.best)))
+        return count <= int(self.budget)
+
+
+def install_search_gates(model: nn.Module, gates: dict) -> None:
+    """Put the search gates described by a checkpoint spec's ``gates`` entry on ``model``."""
+    if gates["method"] == "depthshrinker":
+        install_topk_gates(model, activation_units(model, gates["granularity"]), gates["keep_ratio"])
+        return
+    install_layer_gates(model, activation_units(model, "layer"), gates["granularity"], gates["keep_ratio"],
+                        gates["input_size"])
+    if gates["granularity"] == "element":
+        model.snl = SNLBudget(gates["budget"], gates["lambda"], gates["growth"])
 
 
 def _free_act_hook(block: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
@@ -117,3 +265,12 @@ def apply_keep(model: nn.Module, units: list[Unit], keep: list[int], free_act: s
         if free_act == "relu6" and acts and all(p in removed for p in acts):
             add_free_act(block)
     return model
+
+
+def apply_mask_spec(model: nn.Module, mask: dict) -> nn.Module:
+    """Apply a checkpoint spec's ``mask`` entry: a DepthShrinker keep-list, or SNL mask shapes (all-ones
+    buffers, filled by the state_dict that follows)."""
+    if mask.get("method", "depthshrinker") == "depthshrinker":
+        return apply_keep(model, activation_units(model, mask["granularity"]), mask["keep"],
+                          mask.get("free_act", "none"))
+    return apply_masks(model, {path: torch.ones(shape) for path, shape in mask["shapes"].items()})

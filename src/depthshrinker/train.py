@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import atomic_save
+from .gates import is_gate_param
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.startswith("ds_gates.") else decay).append(p)
+            (no_decay if p.ndim <= 1 or is_gate_param(name) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -9,7 +9,7 @@ CELL = RESULTS + "/{method}/{granularity}/{keep}"
 
 
 wildcard_constraints:
-    method="dense|depthshrinker",
+    method="dense|depthshrinker|snl",
     granularity="[a-z]+",
     keep=r"[0-9]+\.[0-9]+",
 
@@ -18,8 +18,9 @@ def cells():
     """(method, granularity, keep) of every cell the config asks for; keep formatted as a float string."""
     grid = config["grid"]
     out = [("dense", "full", "1.0")] if grid["dense"] else []
-    ds = grid["depthshrinker"]
-    out += [("depthshrinker", g, str(float(k))) for g in ds["granularity"] for k in ds["keep"]]
+    for method in ("depthshrinker", "snl"):
+        cell = grid[method]
+        out += [(method, g, str(float(k))) for g in cell["granularity"] for k in cell["keep"]]
     return out
 
 

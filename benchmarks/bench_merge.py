@@ -1,0 +1,101 @@
+"""Latency of MobileNetV2-1.4 (BN folded) dense vs linearized-unmerged vs merged, DepthShrinker patterns A-F.
+
+All networks are timed interleaved in one run, the order rotated every repeat; each speed is reported as the
+median (and interquartile range) over repeats of the per-repeat ratio to the dense network timed in the same
+repeat, so that machine-wide slowdowns cancel.
+
+    python benchmarks/bench_merge.py --repeats 5 --threads 1 --batch 1 32     # CPU
+    python benchmarks/bench_merge.py --gpu                                    # batch 128, 50 warm-up, 30 timed
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from depthshrinker.counting import macs
+from depthshrinker.gates import apply_keep
+from depthshrinker.merge import PATTERNS, conv_layers, merge_plain
+from depthshrinker.models import activation_units, create_model
+from depthshrinker.plain import to_plain
+
+
+def networks(arch: str) -> dict[str, torch.nn.Module]:
+    """dense, then for each pattern its linearized (pad-first, unmerged) and merged PlainNets."""
+    nets = {"dense": to_plain(create_model(arch, 1000).eval())}
+    for name, keep in PATTERNS.items():
+        model = create_model(arch, 1000).eval()
+        nets[f"{name} unmerged"] = to_plain(apply_keep(model, activation_units(model), keep))
+        nets[f"{name} merged"] = merge_plain(nets[f"{name} unmerged"])
+    return nets
+
+
+@torch.inference_mode()
+def time_interleaved(nets: dict, x: torch.Tensor, repeats: int, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per batch: ``repeats`` samples per network, each the mean of ``iters`` calls, order rotated."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for net in nets.values():
+        for _ in range(warmup):
+            net(x)
+    sync()
+    names, times = list(nets), {name: [] for name in nets}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            for _ in range(iters):
+                nets[name](x)
+            sync()
+            times[name].append((time.perf_counter() - start) / iters)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """(median, interquartile range)."""
+    if len(values) < 2:
+        return values[0], 0.0
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q2, q3 - q1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="mobilenetv2_140")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3, help="calls per network before timing (CPU)")
+    parser.add_argument("--iters", type=int, default=0, help="calls per sample (default: 32 // batch, at least 1)")
+    parser.add_argument("--gpu", action="store_true", help="CUDA fp32, batch 128, 50 warm-up, 30 timed calls")
+    args = parser.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: CUDA is not available")
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.gpu else "cpu"
+    batches, warmup = ([128], 50) if args.gpu else (args.batch, args.warmup)
+    nets = networks(args.arch)
+    costs = {name: (macs(net, args.input_size) / 1e6, conv_layers(net)) for name, net in nets.items()}
+    nets = {name: net.to(device) for name, net in nets.items()}
+    header = "| network | MMACs | convs |" + "".join(
+        f" b{b} ms (IQR) | b{b} × dense (IQR) |" for b in batches)
+    print(f"{args.arch} {args.input_size}x{args.input_size}, {device}, threads={args.threads}, "
+          f"repeats={args.repeats}, batches={batches}\n\n{header}\n|{'---|' * (3 + 2 * len(batches))}")
+    cells = {name: [] for name in nets}
+    for batch in batches:
+        x = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
+        iters = 30 if args.gpu else args.iters or max(1, 32 // batch)
+        times = time_interleaved(nets, x, args.repeats, warmup, iters)
+        for name in nets:
+            ms, ms_iqr = quartiles([t * 1e3 for t in times[name]])
+            ratio, ratio_iqr = quartiles([d / t for d, t in zip(times["dense"], times[name])])
+            extra = f", {batch / ms * 1e3:.0f} img/s" if args.gpu else ""
+            cells[name] += [f"{ms:.1f} ({ms_iqr:.1f}){extra}", f"{ratio:.2f} ({ratio_iqr:.2f})"]
+    for name in nets:
+        print(f"| {name} | {costs[name][0]:.1f} | {costs[name][1]} | " + " | ".join(cells[name]) + " |")
+    print("\n'× dense' = dense latency / network latency in the same repeat (>1: faster than dense).")
+
+
+if __name__ == "__main__":
+    main()

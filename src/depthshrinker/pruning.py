@@ -1,0 +1,305 @@
+"""Channel-pruning baseline in the spirit of MetaPruning (Liu et al., ICCV 2019): an evolutionary search over
+per-stage widths under a cost budget, every candidate cut from the trained dense network, scored after
+BatchNorm recalibration on held-out training images, the winner finetuned with DepthShrinker's recipe.
+
+Instead of MetaPruning's PruningNet (a hypernetwork that generates the weights of any candidate), candidates
+inherit the dense weights: torch-pruning's DependencyGraph (Fang et al., CVPR 2023) finds the coupled channels
+(residual-tied block outputs, an expansion and its depthwise conv, the head conv and the classifier input) and
+every group keeps its channels of largest L2 magnitude. A gene is a stage's *relative* width; each candidate
+is scaled uniformly to spend the budget (the largest scale whose cost fits), so all candidates are feasible and
+compete at the same cost. The uniform profile (MetaPruning's own baseline) is in the first generation.
+
+A pruned network stays a timm EfficientNet-family model; its spec is the base spec with ``kind: "pruned"`` and
+``channels`` (output channels of every dense convolution), from which ``build_pruned`` recreates the shapes.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .checkpoint import BUILDERS, load_model, write_json
+from .config import ConfigError
+from .counting import macs, params
+from .data import build_datasets, build_loaders
+from .models import create_model
+from .train import device, evaluate, train_stage
+
+log = logging.getLogger(__name__)
+
+COSTS: dict[str, Callable[[int], Callable[[nn.Module], float]]] = {
+    "macs": lambda size: lambda model: float(macs(model, size)),
+    "params": lambda size: lambda model: float(params(model)),
+}
+
+
+def stages(model: nn.Module) -> list[str]:
+    """Gene names of a timm EfficientNet-family model: ``stem``, ``stage0`` ... ``stage{n-1}``, ``head``."""
+    return ["stem", *(f"stage{i}" for i in range(len(model.blocks))), "head"]
+
+
+def stage_of(path: str) -> str:
+    """The stage a module path belongs to (``blocks.3.1.conv_pw`` -> ``stage3``)."""
+    if path.startswith("blocks."):
+        return f"stage{path.split('.')[1]}"
+    return "stem" if path.startswith("conv_stem") else "head"
+
+
+def _dense_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+
+
+def _cut(model: nn.Module, keep: Callable[[str, int], int], importance=None) -> set[str]:
+    """Prune every output-channel group of ``model`` in place to ``keep(name, channels)`` channels, where
+    ``name`` is the group's first dense convolution. ``importance(group)`` ranks the channels (largest kept);
+    without it the first channels stay. Returns the group names."""
+    example = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    convs = _dense_convs(model)
+    order = {m: i for i, m in enumerate(convs.values())}
+    names = {m: name for name, m in convs.items()}
+    plan, seen = [], set()
+    for group in dg.get_all_groups(ignored_layers=[model.get_classifier()], root_module_types=[nn.Conv2d]):
+        owners = [dep.target.module for dep, _ in group
+                  if dep.target.module in order and dg.is_out_channel_pruning_fn(dep.handler)]
+        name = names[min(owners, key=order.get)]
+        seen.add(name)
+        channels = len(group[0].idxs)
+        n = keep(name, channels)
+        if n < channels:
+            ranked = torch.argsort(importance(group), descending=True) if importance else torch.arange(channels)
+            plan.append((group, sorted(ranked[n:].tolist())))
+    for group, drop in plan:  # groups are disjoint: indices stay valid while the others are cut
+        group.prune(drop)
+    return seen
+
+
+def kept_channels(width: float, channels: int, round_to: int = 8) -> int:
+    """``ceil(width * channels)`` rounded up to a multiple of ``round_to``, at least ``round_to``, at most all."""
+    return min(channels, max(round_to, round_to * math.ceil(width * channels / round_to)))
+
+
+def _width(widths: dict[str, float], name: str) -> float:
+    return widths.get(name, widths.get(stage_of(name), 1.0))
+
+
+def prune(model: nn.Module, widths: dict[str, float], round_to: int = 8) -> nn.Module:
+    """Cut ``model`` in place and return it: each channel group keeps ``kept_channels(width, channels)`` of its
+    channels, ranked by torch-pruning's group L2 magnitude (``MagnitudeImportance(p=2)``); the classifier's
+    outputs stay. ``widths`` maps stage names (see ``stages``) or a group's first convolution (per layer,
+    overriding its stage) to the kept fraction."""
+    seen = _cut(model, lambda name, channels: kept_channels(_width(widths, name), channels, round_to),
+                tp.importance.MagnitudeImportance(p=2))
+    unknown = set(widths) - seen - set(stages(model))
+    if unknown:
+        raise ConfigError(f"pruning widths: unknown stage or layer {sorted(unknown)} (stages: {stages(model)})")
+    return model
+
+
+def pruned_spec(base: dict, model: nn.Module) -> dict:
+    """The checkpoint spec of a pruned ``model`` cut from the network of spec ``base``."""
+    if base.get("gates") or base.get("mask"):
+        raise ConfigError("pruning: the base network must be dense (no gates or mask)")
+    return {**base, "kind": "pruned", "channels": {name: m.out_channels for name, m in _dense_convs(model).items()}}
+
+
+def build_pruned(spec: dict) -> nn.Module:
+    """The base timm network cut to the shapes of ``spec["channels"]`` (random weights, loaded afterwards)."""
+    model = create_model(spec["arch"], spec["num_classes"], spec.get("small_input", False), width=spec.get("width"))
+    _cut(model, lambda name, channels: spec["channels"].get(name, channels))
+    return model
+
+
+BUILDERS["pruned"] = build_pruned
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> None:
+    """Re-estimate every BatchNorm's running statistics as the cumulative average over ``batches`` (train-mode
+    forward without gradients, momentum None), as MetaPruning does for each candidate."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    dev = next(model.parameters()).device
+    for images, _ in batches:
+        model(images.to(dev))
+    model.train(was_training)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The ``metapruning`` config section: evolution, gene grid, budget fit and scoring data."""
+    population: int = 8  # candidates per generation
+    generations: int = 3  # the first is the uniform profile plus random ones
+    parents: int = 4  # best candidates so far that breed the next generation
+    mutation_prob: float = 0.2  # chance that a gene of a mutated child is redrawn
+    min_width: float = 0.1  # gene grid: min_width, min_width + width_step, ..., 1.0
+    width_step: float = 0.1
+    round_to: int = 8  # kept channels are multiples of this
+    tolerance: float = 0.03  # a candidate's cost lands in [(1 - tolerance) * budget, budget] when it can
+    holdout_images: int = 256  # training images that score candidates (at most half the training set)
+    calibration_batches: int = 4  # other training batches that recalibrate BatchNorm
+
+    @classmethod
+    def from_config(cls, config: dict) -> "SearchConfig":
+        section = config.get("metapruning") or {}
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in section:
+            if key not in known:
+                raise ConfigError(f"config key 'metapruning.{key}': unknown (known: {', '.join(known)})")
+        return cls(**section)
+
+    def choices(self) -> list[float]:
+        return [round(self.min_width + k * self.width_step, 6)
+                for k in range(math.floor((1 - self.min_width) / self.width_step + 1e-9) + 1)]
+
+
+def fit_budget(dense: nn.Module, profile: dict[str, float], budget: float, cost_fn: Callable[[nn.Module], float],
+               round_to: int = 8, tolerance: float = 0.03, floor: float = 0.0, steps: int = 8
+               ) -> tuple[nn.Module, dict, float]:
+    """(pruned copy of ``dense``, widths, cost) for the largest scale ``s`` of ``profile`` (widths
+    ``min(1, s * gene)``) whose cost fits ``budget``. Secant steps on ``log(cost - floor)`` against ``log s``
+    (``floor``: the narrowest network's cost), aimed at the middle of ``[(1 - tolerance) * budget, budget]`` and
+    kept inside the bracket by bisection, stop inside that window or after ``steps`` cuts; the narrowest
+    network is the fallback."""
+    convs = _dense_convs(dense)
+    cache: dict[tuple, tuple[nn.Module, dict, float]] = {}  # many scales give the same channel counts
+
+    def cut(s: float):
+        widths = {k: round(min(1.0, s * g), 4) for k, g in profile.items()}
+        plan = tuple(kept_channels(_width(widths, name), m.out_channels, round_to) for name, m in convs.items())
+        if plan not in cache:
+            model = prune(copy.deepcopy(dense), widths, round_to)
+            cache[plan] = model, widths, cost_fn(model)
+        return cache[plan]
+
+    target, tiny = (1 - tolerance / 2) * budget, 1e-9 * budget
+    lo, hi, best = 0.0, 1.0 / min(profile.values()), None
+    s, previous, power = 1.0 / max(profile.values()), None, 2.0  # cost grows about quadratically with width
+    while len(cache) < steps:
+        model, widths, cost = cut(s)
+        if cost <= budget:
+            lo, best = s, (model, widths, cost)
+            if cost >= (1 - tolerance) * budget or s >= hi:
+                break
+        else:
+            hi = s
+        if previous and previous[0] != s and previous[1] != cost:
+            power = max(0.5, math.log(max(cost - floor, tiny) / max(previous[1] - floor, tiny)) / math.log(s / previous[0]))
+        previous = s, cost
+        guess = s * (max(target - floor, tiny) / max(cost - floor, tiny)) ** (1 / power)
+        s = guess if lo < guess < hi else (lo + hi) / 2
+    return best or cut(0.0)
+
+
+def _fitness(record: dict) -> tuple[float, float]:
+    return record["top1"], -record["loss"]
+
+
+def search(dense: nn.Module, budget: float, score: Callable[[nn.Module], dict],
+           cost_fn: Callable[[nn.Module], float], cfg: SearchConfig = SearchConfig(), seed: int = 0
+           ) -> tuple[nn.Module, dict, list[dict]]:
+    """Evolutionary search over per-stage width profiles (MetaPruning Sec. 3.3: top-k parents, mutation and
+    crossover, each half of a generation) under ``cost_fn(model) <= budget``; ``score(model)`` returns
+    ``{"top1", "loss"}`` (higher top-1, then lower loss, is better; it may recalibrate the model in place).
+    Returns (best model, its record, the history of every evaluated candidate); seeded by ``seed``."""
+    floor = cost_fn(prune(copy.deepcopy(dense), dict.fromkeys(stages(dense), 0.0), cfg.round_to))
+    if floor > budget:
+        raise ConfigError(f"metapruning: budget {budget:.4g} is below {floor:.4g}, the cost of the narrowest "
+                          f"network ({cfg.round_to} channels per group; dense {cost_fn(dense):.4g})")
+    rng, names, choices = random.Random(seed), stages(dense), cfg.choices()
+    history: list[dict] = []
+    seen: set[tuple] = set()
+    best: tuple[nn.Module, dict] | None = None
+
+    def key(genes: tuple) -> tuple:  # profiles equal up to scale give the same candidate
+        return tuple(round(g / max(genes), 4) for g in genes)
+
+    def child(generation: int, i: int) -> tuple:
+        if generation == 0:
+            return (1.0,) * len(names) if i == 0 else tuple(rng.choice(choices) for _ in names)
+        top = sorted(history, key=_fitness, reverse=True)[:cfg.parents]
+        if i < cfg.population // 2:
+            return tuple(rng.choice(choices) if rng.random() < cfg.mutation_prob else g
+                         for g in rng.choice(top)["genes"])
+        a, b = rng.choices(top, k=2)
+        return tuple(rng.choice(pair) for pair in zip(a["genes"], b["genes"]))
+
+    for generation in range(cfg.generations):
+        for i in range(cfg.population):
+            genes = next((g for g in (child(generation, i) for _ in range(20)) if key(g) not in seen), None)
+            if genes is None:
+                continue
+            seen.add(key(genes))
+            model, widths, cost = fit_budget(dense, dict(zip(names, genes)), budget, cost_fn, cfg.round_to,
+                                             cfg.tolerance, floor)
+            record = {"generation": generation, "genes": list(genes), "widths": widths, "cost": cost,
+                      **score(model)}
+            history.append(record)
+            log.info("metapruning gen %d: %s cost %.4g top-1 %.2f", generation, genes, cost, record["top1"])
+            if best is None or _fitness(record) > _fitness(best[1]):
+                best = model, record
+    return best[0], best[1], history
+
+
+def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn.Module], dict]:
+    """Recalibrate BatchNorm on ``calibration_batches`` training batches, then top-1 on ``holdout_images``
+    other training images (never the validation set that results report)."""
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(cfg.holdout_images, len(order) // 2)
+    holdout = DataLoader(Subset(train_set, order[:n]), batch_size=data["eval_batch_size"])
+    calibration = DataLoader(Subset(train_set, order[n:n + cfg.calibration_batches * data["batch_size"]]),
+                             batch_size=data["batch_size"])
+
+    def score(model: nn.Module) -> dict:
+        torch.manual_seed(seed)  # random training transforms draw the same for every candidate
+        recalibrate_bn(model, calibration)
+        return evaluate(model, holdout)
+
+    return score
+
+
+def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: float, cost: str = "macs") -> dict:
+    """Search the widths of the dense network under ``budget`` (a fraction of the dense ``cost``: ``macs`` at
+    ``data.image_size`` or ``params``), then finetune the winner with the ``finetune`` recipe (distilled from the
+    dense teacher when ``stages.distill.enabled``); writes ``out`` and its ``.json`` with the search result."""
+    if not 0 < budget <= 1:
+        raise ConfigError(f"metapruning budget {budget}: must be a fraction of the dense cost in (0, 1]")
+    if cost not in COSTS:
+        raise ConfigError(f"metapruning cost '{cost}': unknown (known: {', '.join(COSTS)})")
+    cfg = SearchConfig.from_config(config)
+    teacher, spec = load_model(dense_ckpt)
+    teacher.to(device())
+    cost_fn = COSTS[cost](config["data"]["image_size"])
+    dense_cost = cost_fn(teacher)
+    score = _scorer(build_datasets(config["data"], config["seed"]).train, cfg, config["data"], config["seed"])
+    tic = time.perf_counter()
+    student, best, history = search(teacher, budget * dense_cost, score, cost_fn, cfg, config["seed"])
+    seconds = time.perf_counter() - tic
+    distill = config["stages"]["distill"]["enabled"]
+    metrics = train_stage(config, "finetune", student, pruned_spec(spec, student), out,
+                          build_loaders(config["data"], config["seed"]), teacher=teacher if distill else None,
+                          distill=distill, desc=f"metapruning {budget}")
+    metrics["search"] = {"cost": cost, "budget": budget, "budget_cost": budget * dense_cost,
+                         "dense_cost": dense_cost, "winner_cost": best["cost"],
+                         "genes": dict(zip(stages(teacher), best["genes"])), "widths": best["widths"],
+                         "holdout_top1": best["top1"], "candidates": len(history), "seconds": seconds,
+                         "history": history}
+    write_json(Path(out).with_suffix(".json"), metrics)
+    return metrics

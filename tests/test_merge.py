@@ -1,0 +1,293 @@
+"""Exact convolution merging: merged == unmerged on random shapes and real weights; costs match the paper."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from depthshrinker import checkpoint
+from depthshrinker.config import ConfigError
+from depthshrinker.counting import macs
+from depthshrinker.gates import apply_keep
+from depthshrinker.merge import (PATTERNS, Conv, candidate_segments, compose, conv_layers, export_onnx, merge_checkpoint,
+                                 merge_pattern, merge_plain, onnx_max_abs_err)
+from depthshrinker.models import activation_units, create_model, offline_weights_path
+from depthshrinker.plain import PlainNet, to_plain
+
+
+def assert_close(out, ref):
+    """The merge tolerance: max abs diff <= 1e-4 * (1 + max |ref|), float32."""
+    assert (out - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+
+
+def conv(cin, cout, k=1, s=1, p=0, g=1, act="none"):
+    return {"in": cin, "out": cout, "kernel": k, "stride": s, "padding": p, "groups": g, "act": act}
+
+
+@st.composite
+def blocks(draw):
+    """One block: an inverted residual (pad-first when its expansion is linear), a depthwise-separable block, or a
+    chain of dense / grouped / depthwise convs whose later convs have no padding; random activations."""
+    cin, k, s = draw(st.sampled_from([4, 6])), draw(st.sampled_from([3, 5])), draw(st.sampled_from([1, 2]))
+    acts = [draw(st.sampled_from(["none", "relu6"])) for _ in range(3)]
+    cout = draw(st.sampled_from([cin, 8]))
+    kind = draw(st.sampled_from(["ir", "ds", "chain"]))
+    if kind == "ir":
+        m = cin * draw(st.sampled_from([1, 3]))
+        pad_first = acts[0] == "none" or draw(st.booleans())
+        convs = [conv(cin, m, 1, p=k // 2 * pad_first, act=acts[0]),
+                 conv(m, m, k, s, k // 2 * (not pad_first), m, acts[1]), conv(m, cout)]
+    elif kind == "ds":
+        convs = [conv(cin, cin, k, s, k // 2, cin, acts[0]), conv(cin, cout)]
+    else:
+        g = draw(st.sampled_from([1, 2, cin]))
+        second = draw(st.sampled_from([conv(cin, 2 * cin, 1, g=2), conv(cin, cin, 3, g=cin), conv(cin, cin, 3, 2)]))
+        convs = [conv(cin, cin, k, s, k // 2, g, acts[0]), {**second, "act": acts[1]}, conv(second["out"], cout)]
+    keeps_shape = all(c["stride"] == 1 for c in convs) and sum(2 * c["padding"] + 1 - c["kernel"] for c in convs) == 0
+    residual = convs[-1]["out"] == cin and keeps_shape and draw(st.booleans())
+    return {"convs": convs, "residual": residual, "free_act": draw(st.sampled_from(["none", "relu6"]))}
+
+
+def random_plain(block_specs, seed):
+    """A PlainNet stem -> blocks -> head with random weights and biases (what BN folding of random stats gives)."""
+    stem = {"convs": [conv(3, block_specs[0]["convs"][0]["in"], 3, p=1, act="relu6")]}
+    head = {"convs": [conv(block_specs[-1]["convs"][-1]["out"], 16, act="relu6")]}
+    net = PlainNet({"kind": "plain", "num_classes": 5, "blocks": [stem, *block_specs, head],
+                    "classifier": {"in": 16, "out": 5}})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 4
+            p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+    return net.eval()
+
+
+def chain_of(first, rest):
+    """``first`` and the blocks of ``rest`` that fit the channels of the one before."""
+    chain = [first]
+    for block in rest:
+        if block["convs"][0]["in"] == chain[-1]["convs"][-1]["out"]:
+            chain.append(block)
+    return chain
+
+
+@given(first=blocks(), rest=st.lists(blocks(), max_size=2), seed=st.integers(0, 2**16), merge_all=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_merged_equals_unmerged_on_random_blocks(first, rest, seed, merge_all):
+    net = random_plain(chain_of(first, rest), seed)
+    if merge_all:  # a latency table in which every merge is free: exercises every composition
+        spans = {key: key.split(":")[1].split("-") for key in candidate_segments(net)}
+        merged = merge_plain(net, "latency", {key: float(int(e) - int(s) == 1) for key, (s, e) in spans.items()})
+    else:
+        merged = merge_plain(net)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    assert_close(merged(x), net(x))
+    assert conv_layers(merged) <= conv_layers(net)
+    rebuilt = checkpoint.build(json.loads(json.dumps(merged.spec)))
+    rebuilt.load_state_dict(merged.state_dict())
+    assert torch.equal(rebuilt.eval()(x), merged(x))
+
+
+@given(k1=st.sampled_from([1, 3, 5]), s1=st.sampled_from([1, 2]), k2=st.sampled_from([1, 3]), s2=st.sampled_from([1, 2]),
+       groups=st.sampled_from([(1, 1), (1, 6), (6, 6), (6, 1), (2, 2), (3, 1)]), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_compose_equals_the_two_convolutions(k1, s1, k2, s2, groups, seed):
+    """b(a(x)) == compose(a, b)(x) for any kernels, strides and groups when b has no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    g1, g2 = groups
+    a = Conv(conv(6, 6, k1, s1, k1 // 2, g1), torch.randn(6, 6 // g1, k1, k1, generator=gen, dtype=torch.float64),
+             torch.randn(6, generator=gen, dtype=torch.float64))
+    b = Conv(conv(6, 12, k2, s2, 0, g2), torch.randn(12, 6 // g2, k2, k2, generator=gen, dtype=torch.float64),
+             torch.randn(12, generator=gen, dtype=torch.float64))
+    x = torch.randn(1, 6, 13, 13, generator=gen, dtype=torch.float64)
+
+    def run(c, y):
+        return F.conv2d(y, c.weight, c.bias, c.spec["stride"], c.spec["padding"], groups=c.spec["groups"])
+
+    ab = compose(a, b)
+    assert ab.spec["groups"] == (g1 if g1 in (1, g2) else 1)
+    assert torch.allclose(run(ab, x), run(b, run(a, x)), atol=1e-10)
+
+
+def test_expansion_before_padded_depthwise_is_refused(mbv2):
+    """A linear IR block NOT in pad-first form would merge wrongly at the borders: a clear error naming it."""
+    for path in ("blocks.1.0.bn1.act", "blocks.1.0.bn2.act"):
+        mbv2.set_submodule(path, torch.nn.Identity())
+    with pytest.raises(ConfigError, match="block 2: .*pad-first"):
+        merge_plain(to_plain(mbv2))
+
+
+def test_policy_and_latency_table_errors(mbv2):
+    net = to_plain(apply_keep(mbv2, activation_units(mbv2), PATTERNS["A"]))
+    with pytest.raises(ConfigError, match="policy 'fastest'"):
+        merge_plain(net, "fastest")
+    with pytest.raises(ConfigError, match="latency table"):
+        merge_plain(net, "latency")
+    with pytest.raises(ConfigError, match="no entry '2:0-1'"):
+        merge_plain(net, "latency", {})
+
+
+def test_layer_granularity_merges_only_where_macs_drop(mbv2):
+    """Only the depthwise activation of block 2 removed: dw+project as one dense 3x3 costs 9x more MACs, so the
+    run stays; the whole block removed: one dense conv, cheaper, merged. The decision is in the spec."""
+    units = activation_units(mbv2, "layer")
+    keep = [int(u.acts[0] != "blocks.1.0.bn2.act") for u in units]
+    merged = merge_plain(to_plain(apply_keep(mbv2, units, keep)))
+    block = merged.spec["blocks"][2]
+    assert block["merged_from"] == [[0], [1], [2]]
+    (decision,) = block["decisions"]
+    assert decision["run"] == [1, 2] and decision["segments"] == [[1], [2]]
+    assert decision["cost_chosen"] == decision["cost_unmerged"]
+    assert all(not b["decisions"] for i, b in enumerate(merged.spec["blocks"]) if i != 2)
+
+
+def test_latency_table_decides(mbv2):
+    net = to_plain(apply_keep(mbv2, activation_units(mbv2), [1, 1, 0] + [1] * 16))
+    keys = [k for k in candidate_segments(net) if k.startswith("2:")]
+    assert sorted(keys) == ["2:0-1", "2:0-2", "2:0-3", "2:1-2", "2:1-3", "2:2-3"]
+    flat = merge_plain(net, "latency", {k: 1.0 for k in keys})  # a merged conv costs as much as one conv
+    assert flat.spec["blocks"][2]["merged_from"] == [[0, 1, 2]] and flat.spec["blocks"][2]["residual_folded"] is False
+    partial = merge_plain(net, "latency", {**{k: 9.0 for k in keys}, "2:0-1": 1.0, "2:1-2": 1.0, "2:2-3": 1.0,
+                                           "2:1-3": 0.5})
+    assert partial.spec["blocks"][2]["merged_from"] == [[0], [1, 2]]
+    x = torch.randn(2, 3, 32, 32)
+    assert_close(partial(x), net(x))
+
+
+def test_residual_folds_into_the_kernel_centre(mbv2):
+    net = to_plain(apply_keep(mbv2, activation_units(mbv2), [1, 1, 1, 0] + [1] * 15))
+    merged = merge_plain(net)
+    block = merged.spec["blocks"][3]  # blocks.1.1: 24 -> 24, stride 1, with a skip
+    assert block["residual_folded"] and not block["residual"] and block["convs"] == [conv(24, 24, 3, 1, 1)]
+    x = torch.randn(2, 3, 32, 32)
+    assert_close(merged(x), net(x))
+
+
+def random_bn_stats(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+        bn.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+        bn.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+        bn.bias.data.copy_(torch.randn(n, generator=gen) * 0.2)
+
+
+@given(arch=st.sampled_from(["mobilenetv2_100", "efficientnet_lite0"]), granularity=st.sampled_from(["block", "layer"]),
+       bits=st.integers(0, 2**35 - 1), free_act=st.sampled_from(["none", "relu6"]), seed=st.integers(0, 2**16))
+@settings(max_examples=8, deadline=None)
+def test_timm_backbones_with_random_masks_and_bn_stats_merge_exactly(arch, granularity, bits, free_act, seed):
+    model = create_model(arch, 10, small_input=True)
+    random_bn_stats(model, seed)
+    units = activation_units(model, granularity)
+    apply_keep(model, units, [bits >> i & 1 for i in range(len(units))], free_act)
+    model.eval()
+    merged = merge_plain(to_plain(model))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert_close(merged(x), model(x))
+
+
+def test_merge_checkpoint_round_trip_and_onnx(tmp_path, mbv2):
+    keep = PATTERNS["D"]
+    apply_keep(mbv2, activation_units(mbv2), keep)
+    spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True,
+            "mask": {"granularity": "block", "keep": keep, "free_act": "none"}}
+    checkpoint.save(tmp_path / "ft.pt", mbv2, spec)
+    report = merge_checkpoint(tmp_path / "ft.pt", tmp_path / "merged.pt", 32)
+    json.dumps(report)
+    assert report["merge_max_abs_err"] <= 1e-4 * (1 + report["max_abs_logit"])
+    assert report["layers_after"] == report["layers_before"] - 2 * 10 == 32
+    assert report["macs"] < report["macs_unmerged"] and report["params"] < report["params_unmerged"]
+    raw = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert json.loads(raw["spec"])["kind"] == "plain"
+    merged, _ = checkpoint.load_model(tmp_path / "merged.pt")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(merged(x), mbv2(x))
+        onnx_path = export_onnx(merged, tmp_path / "merged.onnx", 32)
+        assert onnx_max_abs_err(merged, onnx_path, 32) <= 1e-4 * (1 + merged(x).abs().max())
+
+
+def photos():
+    skimage = pytest.importorskip("skimage.data")
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    imgs = [torch.tensor(f()).permute(2, 0, 1).float().div(255)[None] for f in (skimage.chelsea, skimage.coffee,
+                                                                                skimage.astronaut)]
+    x = torch.cat([F.interpolate(i, size=(224, 224), mode="bilinear", antialias=True) for i in imgs])
+    return (x - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.skipif(offline_weights_path("mobilenetv2_100") is None, reason="offline ImageNet weights not installed")
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_imagenet_weights_on_real_photos(pattern):
+    x = photos()
+    model = create_model("mobilenetv2_100", 1000, pretrained="auto").eval()
+    apply_keep(model, activation_units(model), PATTERNS[pattern])
+    merged = merge_plain(to_plain(model))
+    with torch.no_grad():
+        ref, out = model(x), merged(x)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert_close(out, ref)
+
+
+def elementwise_ops(net, input_size):
+    """Per image: conv outputs (bias / BatchNorm), ReLU6 elements and residual adds, as ptflops-style counters add
+    to the MACs."""
+    total, hooks = [0], []
+    for block in net.blocks:
+        for c, a in zip(block.convs, block.acts):
+            hooks.append(c.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
+            if not isinstance(a, torch.nn.Identity):
+                hooks.append(a.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
+        if block.residual:
+            hooks.append(block.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, input_size, input_size))
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+# MobileNetV2-1.4 at 224, conv + linear MACs (FlopCounterMode), and the REFERENCE figures in MMACs.
+MBV2_140 = {"dense": (582_195_824, 601), "A": (496_216_112, 506), "B": (481_868_912, 490), "C": (474_417_776, 482),
+            "D": (466_552_688, 474), "E": (459_101_552, 465), "F": (407_929_088, 411)}
+
+
+@pytest.mark.parametrize("pattern", list(MBV2_140))
+def test_mbv2_140_merged_costs_match_the_reference(pattern):
+    """The reference figures count elementwise ops too (dense: 582.2M conv MACs + 9.6M BN + 8.8M ReLU6 + 0.3M adds
+    = 600.8M = "601"): conv MACs alone sit 0.8-3.1 % below them, with the elementwise ops within 0.4 %. The
+    depthwise-separable block (unit 1) is not merged: one dense 3x3 48->24 costs 6x its dw + pw."""
+    keep = [1] * 19 if pattern == "dense" else PATTERNS[pattern]
+    model = create_model("mobilenetv2_140", 1000).eval()
+    apply_keep(model, activation_units(model), keep)
+    merged = merge_plain(to_plain(model))
+    conv_macs, reference = MBV2_140[pattern]
+    assert macs(merged, 224) == conv_macs
+    assert abs(conv_macs + elementwise_ops(merged, 224) - reference * 1e6) <= 0.02 * reference * 1e6
+    removed_ir = sum(1 - k for k in keep[2:18])
+    assert conv_layers(merged) == 52 - 2 * removed_ir
+    assert [len(b["convs"]) for b in merged.spec["blocks"][:2]] == [1, 2]
+
+
+def test_merge_pattern_reports(tmp_path):
+    report = merge_pattern("mobilenetv2_100", "E", 32, num_classes=10, small_input=True, free_act="relu6")
+    assert report["merge_max_abs_err"] <= 1e-4 * (1 + report["max_abs_logit"])
+    assert report["layers_before"] == 52 and report["layers_after"] == 52 - 2 * 11
+    assert report["keep"] == PATTERNS["E"] and report["merged_blocks"] == [2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    with pytest.raises(ConfigError, match="19 or 35 units"):
+        merge_pattern("mobilenetv2_100", [1, 0], 32)
+
+
+def test_merged_spec_records_decisions():
+    keep = PATTERNS["A"]
+    model = create_model("mobilenetv2_100", 10, small_input=True).eval()
+    apply_keep(model, activation_units(model), keep)
+    spec = merge_plain(to_plain(model)).spec
+    assert spec["merge"] == {"policy": "macs"}
+    merged = [i for i, b in enumerate(spec["blocks"]) if b["merged_from"] == [[0, 1, 2]]]
+    assert merged == [i for i in range(2, 18) if not keep[i]]
+    assert all(len(b["merged_from"]) == len(b["convs"]) for b in spec["blocks"])
