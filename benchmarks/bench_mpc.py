@@ -3,9 +3,9 @@
 
 Keep ratio 0.4 of the 19 block units keeps round(0.4·19) = 8 activations, chosen two ways: ``upstream``
 (stem, blocks 4-5 and the last five units, like upstream patterns B/D) and ``mpc`` (the 8 units whose removal
-saves least under the cost model, ``cost.unit_table``). Weights are random, with BatchNorm statistics
-re-estimated on random images so that activation-free chains stay inside 16-bit fixed point. Speed-ups are
-medians (and IQR) of per-run ratios to the dense network timed in the same run.
+saves least under the cost model, ``cost.unit_table``). Weights are the offline ImageNet ones (random when
+their package is missing), BatchNorm folded, not finetuned: latency, bytes and rounds do not depend on the
+values. Speed-ups are medians (and IQR) of per-run ratios to the dense network timed in the same run.
 
     python benchmarks/bench_mpc.py --input-size 32 --runs 5
     python benchmarks/bench_mpc.py --calibrate      # fit cost.SECONDS_PER_* on synthetic nets
@@ -21,20 +21,16 @@ from depthshrinker.gates import apply_keep, num_kept
 from depthshrinker.models import activation_units, create_model
 from depthshrinker.mpc import cost, measure_many
 from depthshrinker.plain import PlainNet, to_plain
-from depthshrinker.pruning import recalibrate_bn
 
 UPSTREAM_04 = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
 
 
-def mobilenet(keep: list[int] | None, input_size: int, seed: int = 0) -> PlainNet:
-    """Random-init MobileNetV2-1.0 (32x32 stem, 10 classes), activations kept per ``keep``, BN re-estimated."""
-    torch.manual_seed(seed)
-    model = create_model("mobilenetv2_100", 10, small_input=True)
+def mobilenet(keep: list[int] | None) -> PlainNet:
+    """MobileNetV2-1.0 (stride-1 stem, 10 classes), activations kept per ``keep``, as a PlainNet."""
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2_100", 10, small_input=True, pretrained="auto")
     if keep is not None:
         apply_keep(model, activation_units(model), keep)
-    generator = torch.Generator().manual_seed(seed)
-    recalibrate_bn(model, [(torch.randn(32, 3, input_size, input_size, generator=generator), None)
-                           for _ in range(4)])
     return to_plain(model.eval())
 
 
@@ -46,7 +42,7 @@ def mpc_aware_keep(dense: PlainNet, input_size: int, keep_ratio: float) -> list[
 
 
 def networks(input_size: int, keep_ratio: float) -> dict[str, PlainNet]:
-    dense = mobilenet(None, input_size)
+    dense = mobilenet(None)
     nets = {"dense": dense}
     keeps = {"upstream": UPSTREAM_04, "mpc": mpc_aware_keep(dense, input_size, keep_ratio)}
     try:
@@ -55,7 +51,7 @@ def networks(input_size: int, keep_ratio: float) -> dict[str, PlainNet]:
         merge_plain = None
     for name, keep in keeps.items():
         assert sum(keep) == num_kept(keep_ratio, len(keep)), keep
-        nets[f"{name} {keep_ratio}"] = mobilenet(keep, input_size)
+        nets[f"{name} {keep_ratio}"] = mobilenet(keep)
         if merge_plain is not None:
             nets[f"{name} {keep_ratio} merged"] = merge_plain(nets[f"{name} {keep_ratio}"])
     return nets
@@ -69,15 +65,17 @@ def iqr(values: np.ndarray) -> float:
 def report(nets: dict, results: dict, input_size: int) -> None:
     dense = np.array(results["dense"]["mpc_latency_runs_s"])
     print(f"{'network':<22}{'ReLU6 el.':>10}{'act lay.':>9}{'MB':>9}{'rounds':>7}{'model ok':>9}"
-          f"{'latency s [IQR]':>18}{'speed-up [IQR]':>17}{'loopback est':>13}{'LAN est':>9}{'WAN est':>9}")
+          f"{'latency s [IQR]':>18}{'speed-up [IQR]':>17}{'loopback est':>13}{'LAN est':>9}{'WAN est':>9}"
+          f"{'max err':>9}")
     for name, r in results.items():
         c = cost.count(nets[name], input_size)
         ratios = dense / np.array(r["mpc_latency_runs_s"])
         ok = c.bytes == r["mpc_bytes"] and c.rounds == r["mpc_rounds"]
         est = {n: cost.estimate(nets[name], input_size, n)["latency_s"] for n in ("loopback", "lan", "wan")}
         print(f"{name:<22}{c.relu6:>10}{c.act_layers:>9}{r['mpc_comm_mb']:>9.1f}{r['mpc_rounds']:>7}{str(ok):>9}"
-              f"{r['mpc_latency_s']:>9.2f} [{r['mpc_latency_iqr_s']:.2f}]{np.median(ratios):>10.2f}x [{iqr(ratios):.2f}]"
-              f"{est['loopback']:>12.2f}s{est['lan']:>8.2f}s{est['wan']:>8.1f}s")
+              f"{r['mpc_latency_s']:>9.2f} [{r['mpc_latency_iqr_s']:.2f}]"
+              f"{np.median(ratios):>10.2f}x [{iqr(ratios):.2f}]"
+              f"{est['loopback']:>12.2f}s{est['lan']:>8.2f}s{est['wan']:>8.1f}s{r['max_abs_err']:>9.1e}")
 
 
 def synthetic(kind: str) -> PlainNet:
@@ -97,7 +95,7 @@ def synthetic(kind: str) -> PlainNet:
 def calibrate(input_size: int, runs: int) -> None:
     """Least-squares fit of compute seconds = a·comparisons + b·MACs + c·rounds on loopback (1 thread/party)."""
     nets = {kind: synthetic(kind) for kind in ("act", "mac", "round")}
-    nets["dense mbv2"] = mobilenet(None, input_size)
+    nets["dense mbv2"] = mobilenet(None)
     results = measure_many(nets, input_size, runs=runs)
     rows = [cost.count(net, input_size) for net in nets.values()]
     a = np.array([[c.relu + 2 * c.relu6, c.macs, c.rounds] for c in rows], dtype=float)

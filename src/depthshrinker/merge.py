@@ -222,7 +222,7 @@ def merge_pattern(arch: str, keep: list[int] | str, input_size: int, pretrained:
                   samples: int = 2, seed: int = 0) -> dict:
     """Apply a keep-list (or a ``PATTERNS`` name) to a fresh backbone, merge, and report costs and error.
     The granularity follows the keep-list's length (block or layer units)."""
-    model = create_model(arch, num_classes, small_input, pretrained).eval()
+    model = create_model(arch, num_classes, small_input=small_input, pretrained=pretrained).eval()
     keep = PATTERNS[keep] if isinstance(keep, str) else list(keep)
     units = {len(u): u for u in (activation_units(model, g) for g in ("block", "layer"))}
     if len(keep) not in units:

@@ -33,7 +33,7 @@ from .config import ConfigError
 from .counting import macs, params
 from .data import build_datasets, build_loaders
 from .models import create_model
-from .train import device, evaluate, train_stage
+from .train import device, evaluate, is_main, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _cut(model: nn.Module, keep: Callable[[str, int], int], importance=None) -> 
     """Prune every output-channel group of ``model`` in place to ``keep(name, channels)`` channels, where
     ``name`` is the group's first dense convolution. ``importance(group)`` ranks the channels (largest kept);
     without it the first channels stay. Returns the group names."""
-    example = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
+    example = torch.zeros(1, 3, 16, 16, device=next(model.parameters()).device)  # shapes only: any size traces
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     convs = _dense_convs(model)
     order = {m: i for i, m in enumerate(convs.values())}
@@ -145,16 +145,16 @@ def recalibrate_bn(model: nn.Module, batches) -> None:
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """The ``metapruning`` config section: evolution, gene grid, budget fit and scoring data."""
-    population: int = 8  # candidates per generation
+    population: int = 6  # candidates per generation
     generations: int = 3  # the first is the uniform profile plus random ones
-    parents: int = 4  # best candidates so far that breed the next generation
+    parents: int = 3  # best candidates so far that breed the next generation
     mutation_prob: float = 0.2  # chance that a gene of a mutated child is redrawn
     min_width: float = 0.1  # gene grid: min_width, min_width + width_step, ..., 1.0
     width_step: float = 0.1
     round_to: int = 8  # kept channels are multiples of this
     tolerance: float = 0.03  # a candidate's cost lands in [(1 - tolerance) * budget, budget] when it can
     holdout_images: int = 256  # training images that score candidates (at most half the training set)
-    calibration_batches: int = 4  # other training batches that recalibrate BatchNorm
+    calibration_batches: int = 2  # other training batches that recalibrate BatchNorm
 
     @classmethod
     def from_config(cls, config: dict) -> "SearchConfig":
@@ -171,13 +171,13 @@ class SearchConfig:
 
 
 def fit_budget(dense: nn.Module, profile: dict[str, float], budget: float, cost_fn: Callable[[nn.Module], float],
-               round_to: int = 8, tolerance: float = 0.03, floor: float = 0.0, steps: int = 8
+               round_to: int = 8, tolerance: float = 0.03, floor: float = 0.0, steps: int = 16
                ) -> tuple[nn.Module, dict, float]:
     """(pruned copy of ``dense``, widths, cost) for the largest scale ``s`` of ``profile`` (widths
     ``min(1, s * gene)``) whose cost fits ``budget``. Secant steps on ``log(cost - floor)`` against ``log s``
     (``floor``: the narrowest network's cost), aimed at the middle of ``[(1 - tolerance) * budget, budget]`` and
-    kept inside the bracket by bisection, stop inside that window or after ``steps`` cuts; the narrowest
-    network is the fallback."""
+    kept inside the bracket by bisection, stop inside that window or after ``steps`` probes (scales that give
+    the same channel counts are cut once); the narrowest network is the fallback."""
     convs = _dense_convs(dense)
     cache: dict[tuple, tuple[nn.Module, dict, float]] = {}  # many scales give the same channel counts
 
@@ -192,7 +192,7 @@ def fit_budget(dense: nn.Module, profile: dict[str, float], budget: float, cost_
     target, tiny = (1 - tolerance / 2) * budget, 1e-9 * budget
     lo, hi, best = 0.0, 1.0 / min(profile.values()), None
     s, previous, power = 1.0 / max(profile.values()), None, 2.0  # cost grows about quadratically with width
-    while len(cache) < steps:
+    for _ in range(steps):
         model, widths, cost = cut(s)
         if cost <= budget:
             lo, best = s, (model, widths, cost)
@@ -201,7 +201,8 @@ def fit_budget(dense: nn.Module, profile: dict[str, float], budget: float, cost_
         else:
             hi = s
         if previous and previous[0] != s and previous[1] != cost:
-            power = max(0.5, math.log(max(cost - floor, tiny) / max(previous[1] - floor, tiny)) / math.log(s / previous[0]))
+            ratio = max(cost - floor, tiny) / max(previous[1] - floor, tiny)
+            power = max(0.5, math.log(ratio) / math.log(s / previous[0]))
         previous = s, cost
         guess = s * (max(target - floor, tiny) / max(cost - floor, tiny)) ** (1 / power)
         s = guess if lo < guess < hi else (lo + hi) / 2
@@ -221,8 +222,10 @@ def search(dense: nn.Module, budget: float, score: Callable[[nn.Module], dict],
     Returns (best model, its record, the history of every evaluated candidate); seeded by ``seed``."""
     floor = cost_fn(prune(copy.deepcopy(dense), dict.fromkeys(stages(dense), 0.0), cfg.round_to))
     if floor > budget:
-        raise ConfigError(f"metapruning: budget {budget:.4g} is below {floor:.4g}, the cost of the narrowest "
-                          f"network ({cfg.round_to} channels per group; dense {cost_fn(dense):.4g})")
+        dense_cost = cost_fn(dense)
+        raise ConfigError(f"metapruning: budget {budget:.4g} ({budget / dense_cost:.2%} of the dense network's "
+                          f"{dense_cost:.4g}) is below {floor:.4g}, the cost of the narrowest network "
+                          f"({cfg.round_to} channels per group)")
     rng, names, choices = random.Random(seed), stages(dense), cfg.choices()
     history: list[dict] = []
     seen: set[tuple] = set()
@@ -263,9 +266,10 @@ def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn
     other training images (never the validation set that results report)."""
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
     n = min(cfg.holdout_images, len(order) // 2)
-    holdout = DataLoader(Subset(train_set, order[:n]), batch_size=data["eval_batch_size"])
+    holdout = DataLoader(Subset(train_set, order[:n]), batch_size=data["eval_batch_size"],
+                         num_workers=data["workers"])
     calibration = DataLoader(Subset(train_set, order[n:n + cfg.calibration_batches * data["batch_size"]]),
-                             batch_size=data["batch_size"])
+                             batch_size=data["batch_size"], num_workers=data["workers"])
 
     def score(model: nn.Module) -> dict:
         torch.manual_seed(seed)  # random training transforms draw the same for every candidate
@@ -301,5 +305,6 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
                          "genes": dict(zip(stages(teacher), best["genes"])), "widths": best["widths"],
                          "holdout_top1": best["top1"], "candidates": len(history), "seconds": seconds,
                          "history": history}
-    write_json(Path(out).with_suffix(".json"), metrics)
+    if is_main():
+        write_json(Path(out).with_suffix(".json"), metrics)
     return metrics

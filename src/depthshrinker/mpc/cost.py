@@ -26,10 +26,11 @@ RELU_BYTES = 464         # per ReLU element
 ACT_COMPARISONS = {"none": 0, "relu": 1, "relu6": 2}
 ACT_ROUNDS = 9           # per activation layer, ReLU or ReLU6
 REVEAL_BYTES = 8         # per revealed logit
-# Compute per party on the 2-core reference box (1 thread per party, loopback), fitted by benchmarks/bench_mpc.py
-SECONDS_PER_COMPARISON = 2.2e-6
-SECONDS_PER_MAC = 4.0e-9
-SECONDS_PER_ROUND = 4.0e-4
+# Compute of one party on the 2-core reference box (1 thread per party, loopback, shared and loaded): a
+# least-squares fit by ``benchmarks/bench_mpc.py --calibrate``. Box- and load-specific; pass compute_s to override.
+SECONDS_PER_COMPARISON = 3.3e-6
+SECONDS_PER_MAC = 1.06e-9
+SECONDS_PER_ROUND = 4.9e-3
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def merged_conv(convs: list[dict]) -> dict:
 def block_cost(block: dict, shape: tuple[int, int, int], acts: bool = True,
                merged: bool = False) -> tuple[Cost, tuple[int, int, int]]:
     """(cost, output shape) of one block (a ``PlainNet.spec["blocks"]`` entry) on a (C, H, W) input.
-    ``acts=False`` drops all its activations (the free activation too); ``merged=True`` also merges its convs into one (what DepthShrinker deploys)."""
+    ``acts=False`` drops all its activations (the free activation too); ``merged=True`` also merges its convs
+    into one (what DepthShrinker deploys)."""
     convs = [c if acts else {**c, "act": "none"} for c in block["convs"]]
     if merged:
         if acts and any(c["act"] != "none" for c in convs):

@@ -1,21 +1,23 @@
 """Two-party secure inference of a PlainNet under CrypTen 0.4.1, without ONNX (REFERENCE.md §2, "MPC cost").
 
 The two parties are two local processes on loopback (gloo backend, a free TCP port per call) running
-CrypTen's default trusted-first-party (TFP) provider: Beaver triples come from a trusted dealer, so what is
-measured is the online phase. The model owner (rank 0) secret-shares the parameters once; in every run the
-client (rank 1) secret-shares its image, both parties evaluate each layer with CrypTen's own ops (Beaver
-``conv2d``/``matmul``, public additions, ``relu``, ReLU6 as ``hardtanh(0, 6)`` = two comparisons stacked
-into one call, mean pooling by a public divisor) and the logits are revealed to the client only.
+CrypTen's default trusted-first-party (TFP) provider: rank 0 deals the Beaver triples and other correlated
+randomness without communicating, as a trusted dealer would offline, so what is measured is the online
+phase. The model owner (rank 0) secret-shares the parameters once; in every run the client (rank 1)
+secret-shares its image, both parties evaluate each layer with CrypTen's own ops (Beaver ``conv2d``/``matmul``,
+public additions, ``relu``, ReLU6 as ``hardtanh(0, 6)`` = two comparisons stacked into one call, mean pooling
+by a public divisor) and the logits are revealed to the client only.
 
 One run spans input sharing to revealed logits. Its latency is the slower party's wall time after a common
 barrier; bytes and rounds are CrypTen's per-party counters over the same window (a party's sent + received
-bytes, the same for both parties: for two parties, all the traffic on the link). Runs of several networks are
+bytes; equal for both parties: for two parties, all the traffic on the link). Runs of several networks are
 interleaved (order rotated every run) in one pair of processes, so their ratios share the machine state.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,20 +69,20 @@ def secure_forward(spec: dict, params: dict, x):
 
 # ---- one party (a child process) ----
 
-def _exit_with_parent() -> None:
-    """Exit when the parent dies (even by SIGKILL), so that no party outlives its caller."""
-    parent = os.getppid()
-
+def _exit_with_parent(parent: int, workdir: Path) -> None:
+    """Exit when the caller (pid ``parent``) dies, even by SIGKILL, so that no party outlives it, and remove the
+    caller's working folder that it could not."""
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
+        shutil.rmtree(workdir, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _party(rank: int, port: int, job: str, out: str, runs: int, warmup: int, threads: int) -> None:
-    _exit_with_parent()
+def _party(rank: int, port: int, job: str, out: str, runs: int, warmup: int, threads: int, parent: int) -> None:
+    _exit_with_parent(parent, Path(job).parent)
     torch.set_num_threads(threads)
     crypten = import_crypten()
     data = torch.load(job, weights_only=True)
@@ -112,7 +114,7 @@ def _party(rank: int, port: int, job: str, out: str, runs: int, warmup: int, thr
     crypten.uninit()
     result = {"times": torch.tensor(times, dtype=torch.float64), "stats": torch.tensor(stats, dtype=torch.int64)}
     if rank == CLIENT:
-        result["logits"] = torch.stack(logits)
+        result["logits"] = logits
     torch.save(result, out)
 
 
@@ -129,7 +131,7 @@ def _free_port() -> int:
 
 
 def _party_env(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")  # the parties run on CPU
     if "GLOO_SOCKET_IFNAME" not in env and "lo" in {name for _, name in socket.if_nameindex()}:
         env["GLOO_SOCKET_IFNAME"] = "lo"  # keep the parties' traffic on loopback
     return env
@@ -171,6 +173,14 @@ def _reap(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
+def _start(rank: int, port: int, tmp: Path, runs: int, warmup: int, threads: int) -> subprocess.Popen:
+    args = {"rank": rank, "port": port, "job": str(tmp / f"job{rank}.pt"), "out": str(tmp / f"out{rank}.pt"),
+            "runs": runs, "warmup": warmup, "threads": threads, "parent": os.getpid()}
+    with open(tmp / f"party{rank}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args)], env=_party_env(threads),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
 def _run_parties(nets: list[nn.Module], x: torch.Tensor, runs: int, warmup: int, threads: int,
                  timeout: float) -> list[dict]:
     specs = json.dumps([net.spec for net in nets])
@@ -180,17 +190,13 @@ def _run_parties(nets: list[nn.Module], x: torch.Tensor, runs: int, warmup: int,
              "shapes": [{k: list(v.shape) for k, v in net.state_dict().items()} for net in nets]}]
     with tempfile.TemporaryDirectory(prefix="depthshrinker-mpc-") as tmp:
         tmp = Path(tmp)
-        port, procs, logs = _free_port(), [], []
+        for rank, job in enumerate(jobs):
+            torch.save(job, tmp / f"job{rank}.pt")
+        port, procs = _free_port(), []
         try:
-            for rank, job in enumerate(jobs):
-                torch.save(job, tmp / f"job{rank}.pt")
-                logs.append(tmp / f"party{rank}.log")
-                args = {"rank": rank, "port": port, "job": str(tmp / f"job{rank}.pt"), "out": str(tmp / f"out{rank}.pt"),
-                        "runs": runs, "warmup": warmup, "threads": threads}
-                with open(logs[-1], "w") as log:
-                    procs.append(subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args)], env=_party_env(threads),
-                                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-            _wait(procs, logs, timeout)
+            for rank in (OWNER, CLIENT):
+                procs.append(_start(rank, port, tmp, runs, warmup, threads))
+            _wait(procs, [tmp / f"party{rank}.log" for rank in (OWNER, CLIENT)], timeout)
         finally:
             _reap(procs)
         return [torch.load(tmp / f"out{rank}.pt", weights_only=True) for rank in (OWNER, CLIENT)]
@@ -198,12 +204,14 @@ def _run_parties(nets: list[nn.Module], x: torch.Tensor, runs: int, warmup: int,
 
 def _spread(times: np.ndarray) -> dict:
     q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return {"mpc_latency_s": float(median), "mpc_latency_iqr_s": float(q3 - q1), "mpc_latency_min_s": float(times.min()),
-            "mpc_latency_max_s": float(times.max()), "mpc_latency_runs_s": [float(t) for t in times]}
+    return {"mpc_latency_s": float(median), "mpc_latency_iqr_s": float(q3 - q1),
+            "mpc_latency_min_s": float(times.min()), "mpc_latency_max_s": float(times.max()),
+            "mpc_latency_runs_s": [float(t) for t in times]}
 
 
-def measure_many(models: dict[str, nn.Module], input_size: int, runs: int = 3, warmup: int = 1, timeout: float = 900.0,
-                 threads: int = 1, x: torch.Tensor | None = None, seed: int = 0, tol: float = 1e-2) -> dict[str, dict]:
+def measure_many(models: dict[str, nn.Module], input_size: int, runs: int = 3, warmup: int = 1,
+                 timeout: float = 900.0, threads: int = 1, x: torch.Tensor | None = None, seed: int = 0,
+                 tol: float = 1e-2) -> dict[str, dict]:
     """Secure inference of one image through each model, runs interleaved in one pair of party processes.
 
     Per model: ``mpc_latency_s`` (median of ``runs`` after ``warmup``), its IQR, min, max and every run,
@@ -224,7 +232,7 @@ def measure_many(models: dict[str, nn.Module], input_size: int, runs: int = 3, w
         if not err <= bound:
             raise MPCError(f"CrypTen output of '{name}' differs from plaintext by {err:.3g} > {bound:.3g}: values too "
                            "large for 16-bit fixed point? (BatchNorm statistics of an untrained network)")
-        bytes_, rounds = (int(v) for v in owner["stats"][i].max(0).values)
+        bytes_, rounds = (int(v) for v in torch.cat([owner["stats"][i], client["stats"][i]]).amax(0))
         results[name] = {**_spread(np.maximum(owner["times"][i].numpy(), client["times"][i].numpy())),
                          "mpc_bytes": bytes_, "mpc_comm_mb": bytes_ / 1e6, "mpc_rounds": rounds,
                          "max_abs_err": err, "input_size": input_size, "runs": runs, "threads_per_party": threads}

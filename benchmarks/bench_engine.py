@@ -1,0 +1,81 @@
+"""Training throughput of the engine (``depthshrinker.train.fit``) against a bare PyTorch loop.
+
+Both train the same model on the same DataLoader and batch, one epoch at a time, interleaved (bare, engine,
+bare, engine, ...) so that machine noise hits both alike; prints images/s as median and IQR and the ratio
+engine / bare per repeat pair.
+
+    .venv/bin/python benchmarks/bench_engine.py --repeats 5 --threads 2
+    .venv/bin/python benchmarks/bench_engine.py --dataset fake --image-size 224 --batch 128   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from depthshrinker.config import validate
+from depthshrinker.data import build_loaders
+from depthshrinker.models import create_model
+from depthshrinker.train import Recipe, device, fit
+
+
+def bare_epoch(model, loader, lr: float) -> float:
+    """Images/s of the plainest loop: forward, cross-entropy, backward, SGD step."""
+    dev = device()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    model.train()
+    seen, tic = 0, time.perf_counter()
+    for images, targets in loader:
+        images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
+        loss = F.cross_entropy(model(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += targets.numel()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - tic)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return q[0], statistics.median(values), q[2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    config = validate({"data": {"dataset": args.dataset, "image_size": args.image_size, "batch_size": args.batch}})
+    train_loader, val_loader, classes = build_loaders(config["data"])
+    val_loader = [next(iter(val_loader))]  # the engine evaluates after each epoch; keep that out of the way
+    model = create_model("mobilenetv2_100", classes, small_input=args.image_size <= 64).to(device())
+    recipe = Recipe(epochs=1, lr=0.01)
+    bare_epoch(model, train_loader, 0.01)  # warm-up
+    bare, engine = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            bare.append(bare_epoch(model, train_loader, 0.01))
+            history = fit(model, train_loader, val_loader, recipe, Path(tmp) / "x.last", desc="engine")
+            (Path(tmp) / "x.last").unlink()
+            engine.append(history[-1]["images_per_s"])
+    ratios = [e / b for e, b in zip(engine, bare)]
+    print(f"device {device()}, threads {args.threads}, batch {args.batch}, {args.dataset} {args.image_size}px, "
+          f"{args.repeats} interleaved epochs each")
+    for name, values in (("bare loop img/s", bare), ("engine img/s", engine), ("engine / bare", ratios)):
+        lo, med, hi = quartiles(values)
+        print(f"{name:>16}: median {med:8.3f}  IQR [{lo:.3f}, {hi:.3f}]")
+
+
+if __name__ == "__main__":
+    main()
