@@ -53,6 +53,30 @@ def mobilenet(keep):
     return to_plain(model.eval())
 
 
+def snl_mobilenet(granularity="channel"):
+    """MobileNetV2 with random SNL masks (about half kept) on every activation layer."""
+    from depthshrinker.gates import SNL_SHAPES, activation_shapes, apply_masks
+
+    model = create_model("mobilenetv2_100", 10, small_input=True).eval()
+    paths = [p for u in activation_units(model, "layer") for p in u.acts]
+    g = torch.Generator().manual_seed(1)
+    shapes = activation_shapes(model, paths, SIZE)
+    apply_masks(model, {p: (torch.rand(SNL_SHAPES[granularity](*shapes[p]), generator=g) < 0.5).float()
+                        for p in paths})
+    return model, to_plain(model)
+
+
+def test_snl_masks_survive_to_plain_and_count_only_kept_elements():
+    model, net = snl_mobilenet("pixel")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert torch.allclose(model(x), net(x), atol=1e-4)
+    counts = nonlinear(model, SIZE)
+    assert count(net, SIZE).relu6 == nonlinear(net, SIZE)["relu6_elements"] == counts["relu6_elements"]
+    rebuilt = checkpoint.build(net.spec)
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt(x), net(x))
+
+
 # ---- cost model, by hand ----
 
 def test_one_conv_relu_by_hand():
@@ -140,13 +164,13 @@ def assert_no_parties_left(timeout=10.0):
 @pytest.fixture(scope="module")
 def measured():
     torch.manual_seed(0)
-    nets = {name: mobilenet(keep) for name, keep in KEEPS.items()} | {"tiny": tiny()}
+    nets = {name: mobilenet(keep) for name, keep in KEEPS.items()} | {"tiny": tiny(), "snl": snl_mobilenet()[1]}
     return nets, measure_many(nets, SIZE, runs=1, warmup=0, timeout=600)
 
 
 @needs_crypten
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(KEEPS) + ["tiny"])
+@pytest.mark.parametrize("name", list(KEEPS) + ["tiny", "snl"])
 def test_cost_model_equals_crypten_exactly(measured, name):
     nets, results = measured
     c = count(nets[name], SIZE)

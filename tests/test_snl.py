@@ -5,7 +5,7 @@ import torch
 from depthshrinker.baselines import train_dense
 from depthshrinker.counting import nonlinear
 from depthshrinker.finetune import finetune
-from depthshrinker.gates import decode_bits
+from depthshrinker.bits import decode_bits
 from depthshrinker.search import extract, search
 
 

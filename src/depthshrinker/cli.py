@@ -10,7 +10,7 @@ from .config import ConfigError, load_config
 
 
 def _config(args) -> dict:
-    return load_config(args.config)
+    return args.config_dict if args.config_dict is not None else load_config(args.config)
 
 
 def cmd_train_dense(args):
@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--costs", default=None, help="cost table CSV for a latency-aware DepthShrinker search")
     s.add_argument("--keep", type=float, required=True, help="keep ratio: fraction of units that KEEP their act")
     s.add_argument("--out", required=True)
-    s = add("extract", cmd_extract, "extract the keep-list of a search checkpoint to JSON")
+    s = with_config(add("extract", cmd_extract, "extract the keep-list of a search checkpoint to JSON"))
     s.add_argument("--search", required=True, help="search checkpoint")
     s.add_argument("--out", required=True, help="mask JSON to write")
     s = with_config(add("finetune", cmd_finetune, "stage 2: finetune the shrunk network with distillation"))
@@ -87,23 +87,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--granularity", required=True)
     s.add_argument("--keep", type=float, required=True)
     s.add_argument("--out", default=None)
-    s = add("summarize", cmd_summarize, "collect cell rows (JSON) into a summary CSV")
+    s = with_config(add("summarize", cmd_summarize, "collect cell rows (JSON) into a summary CSV"))
     s.add_argument("rows", nargs="+", help="per-cell row JSON files")
     s.add_argument("--out", required=True)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, config: dict | None = None, log_file: str | None = None) -> int:
+    """Run one subcommand; ``config`` (a validated dict) replaces ``--config`` when called from Python.
+    Under torchrun (WORLD_SIZE > 1) the process group is set up first (NCCL on GPUs, gloo on CPUs)."""
     args = parser().parse_args(argv)
-    from .train import configure
+    args.config_dict = config
+    from .train import configure, init_distributed
 
-    configure(getattr(args, "threads", None))
+    configure(getattr(args, "threads", None), log_file)
     try:
-        result = args.fn(args)
+        with init_distributed():
+            result = args.fn(args)
     except ConfigError as err:
         print(f"depthshrinker {args.command}: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

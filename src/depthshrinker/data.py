@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from .config import ConfigError
 
@@ -119,19 +121,20 @@ def build_datasets(data: dict, seed: int = 0) -> Splits:
     return splits
 
 
-def build_loaders(data: dict, seed: int = 0, distributed: bool = False):
+def build_loaders(data: dict, seed: int = 0):
     """(train_loader, val_loader, num_classes). The train loader shuffles with its own generator, reseeded each
-    epoch by the engine; under DDP both loaders shard with a DistributedSampler."""
+    epoch by the engine. Under DDP (torch.distributed initialised) training shards with a DistributedSampler
+    (``data.batch_size`` per process) and validation takes every world-th image, so that each image is
+    evaluated exactly once."""
     splits = build_datasets(data, seed)
     common = dict(num_workers=data["workers"], pin_memory=torch.cuda.is_available(),
                   persistent_workers=data["workers"] > 0)
-    if distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
         train = DataLoader(splits.train, batch_size=data["batch_size"], drop_last=True,
                            sampler=DistributedSampler(splits.train, shuffle=True, seed=seed), **common)
         val = DataLoader(splits.val, batch_size=data["eval_batch_size"],
-                         sampler=DistributedSampler(splits.val, shuffle=False), **common)
+                         sampler=range(rank, len(splits.val), world), **common)
     else:
         train = DataLoader(splits.train, batch_size=data["batch_size"], shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(seed), **common)

@@ -10,7 +10,8 @@ from pathlib import Path
 from .checkpoint import load_model, read_json
 from .config import ConfigError
 from .data import build_loaders
-from .gates import apply_mask_spec, decode_bits
+from .bits import decode_bits
+from .gates import apply_mask_spec
 from .models import activation_units
 from .train import train_stage
 

@@ -12,9 +12,6 @@ is exactly ``act(x)`` or exactly ``x`` in the forward pass and passes ``∂L/∂
 """
 from __future__ import annotations
 
-import base64
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models._efficientnet_blocks import InvertedResidual
@@ -131,9 +128,9 @@ class SoftMaskAct(GateAct):
 class MaskedAct(GateAct):
     """A fixed binary keep-mask (1 = keep the activation) of any shape broadcastable to the input (SNL stage 2)."""
 
-    def __init__(self, act: nn.Module, shape: tuple[int, ...]):
+    def __init__(self, act: nn.Module, shape: tuple[int, ...], persistent: bool = True):
         super().__init__(act)
-        self.register_buffer("mask", torch.ones(shape))
+        self.register_buffer("mask", torch.ones(shape), persistent=persistent)
 
     def removal(self) -> torch.Tensor:
         return 1 - self.mask
@@ -192,16 +189,6 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
         gate.mask.copy_(mask)
         model.set_submodule(path, gate)
     return model
-
-
-def encode_bits(mask: torch.Tensor) -> str:
-    """A binary mask as base64 of its packed bits (row-major), for the mask JSON."""
-    return base64.b64encode(np.packbits(mask.flatten().bool().numpy()).tobytes()).decode()
-
-
-def decode_bits(text: str, shape: list[int]) -> torch.Tensor:
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[: int(np.prod(shape))]
-    return torch.tensor(bits, dtype=torch.float32).view(*shape)
 
 
 class SNLBudget(nn.Module):

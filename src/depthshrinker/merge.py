@@ -62,7 +62,7 @@ def composed_spec(a: dict, b: dict) -> dict:
     groups = a["groups"] if a["groups"] in (1, b["groups"]) else 1
     return {"in": a["in"], "out": b["out"], "kernel": a["kernel"] + (b["kernel"] - 1) * a["stride"],
             "stride": a["stride"] * b["stride"], "padding": None if b["padding"] else a["padding"],
-            "groups": groups, "act": b["act"]}
+            "groups": groups, "act": b["act"], **({"mask": b["mask"]} if "mask" in b else {})}
 
 
 def _ungroup(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ merging, the device benchmarks and the MPC engine all work on it::
     stem block -> blocks ... -> head block -> global average pool -> linear classifier
 
 A block is a chain of convolutions, each followed by its activation (``relu6`` or ``none``), an optional
-residual add of the block input, and an optional activation after the add (``free_act``)::
+residual add of the block input, and an optional activation after the add (``free_act``); an SNL-masked
+activation carries its public mask in the spec (``"mask": {"shape", "ones", "bits"}``)::
 
     {"convs": [{"in": 16, "out": 96, "kernel": 1, "stride": 1, "padding": 1, "groups": 1, "act": "none"}, ...],
      "residual": true, "free_act": "none"}
@@ -21,16 +22,32 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import nn
 
 from .checkpoint import BUILDERS
+from .bits import decode_bits, encode_bits
 from .config import ConfigError
+from .gates import MaskedAct
 
 ACTS = {"none": nn.Identity, "relu6": nn.ReLU6, "relu": nn.ReLU}
 
 
-def conv_spec(conv: nn.Conv2d, act: str) -> dict:
+def conv_spec(conv: nn.Conv2d, act: nn.Module) -> dict:
+    """A conv and its activation; an SNL-masked activation carries its (public) mask as packed bits."""
     if isinstance(conv.padding, str):
         raise ConfigError(f"plain network: string padding '{conv.padding}' is not supported")
-    return {"in": conv.in_channels, "out": conv.out_channels, "kernel": conv.kernel_size[0],
-            "stride": conv.stride[0], "padding": conv.padding[0], "groups": conv.groups, "act": act}
+    spec = {"in": conv.in_channels, "out": conv.out_channels, "kernel": conv.kernel_size[0],
+            "stride": conv.stride[0], "padding": conv.padding[0], "groups": conv.groups, "act": _act_name(act)}
+    if isinstance(act, MaskedAct):
+        spec["mask"] = {"shape": list(act.mask.shape), "ones": int(act.mask.sum()), "bits": encode_bits(act.mask)}
+    return spec
+
+
+def act_module(conv: dict) -> nn.Module:
+    """The activation of a conv spec: plain, or masked (its mask from the spec, not the state_dict)."""
+    if not conv.get("mask"):
+        return ACTS[conv["act"]]()
+    mask = conv["mask"]
+    gate = MaskedAct(ACTS[conv["act"]](), tuple(mask["shape"]), persistent=False)
+    gate.mask.copy_(decode_bits(mask["bits"], mask["shape"]))
+    return gate
 
 
 class PlainBlock(nn.Module):
@@ -41,7 +58,7 @@ class PlainBlock(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(c["in"], c["out"], c["kernel"], c["stride"], c["padding"], groups=c["groups"], bias=True)
             for c in spec["convs"])
-        self.acts = nn.ModuleList(ACTS[c["act"]]() for c in spec["convs"])
+        self.acts = nn.ModuleList(act_module(c) for c in spec["convs"])
         self.residual = bool(spec.get("residual", False))
         self.free_act = ACTS[spec.get("free_act", "none")]()
 
@@ -84,6 +101,8 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
 
 
 def _act_name(module: nn.Module) -> str:
+    if isinstance(module, MaskedAct):
+        return module.kind
     if isinstance(module, nn.Identity):
         return "none"
     if isinstance(module, nn.ReLU6):
@@ -120,7 +139,7 @@ def to_plain(model: nn.Module) -> PlainNet:
             pairs.append((_convs_of(block), bool(getattr(block, "has_skip", False)), free))
     pairs.append(([(model.conv_head, model.bn2)], False, "none"))
     spec = {"kind": "plain", "num_classes": model.classifier.out_features,
-            "blocks": [{"convs": [conv_spec(c, _act_name(bn.act)) for c, bn in convs], "residual": res,
+            "blocks": [{"convs": [conv_spec(c, bn.act) for c, bn in convs], "residual": res,
                         "free_act": free} for convs, res, free in pairs],
             "classifier": {"in": model.classifier.in_features, "out": model.classifier.out_features}}
     net = PlainNet(spec)

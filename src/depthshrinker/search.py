@@ -20,7 +20,8 @@ from .checkpoint import build, load, load_model, write_json
 from .config import ConfigError
 from .counting import nonlinear
 from .data import build_loaders
-from .gates import SoftMaskAct, encode_bits, install_search_gates, keep_from_scores, num_kept
+from .bits import encode_bits
+from .gates import SoftMaskAct, install_search_gates, keep_from_scores, num_kept
 from .models import activation_units
 from .train import train_stage
 

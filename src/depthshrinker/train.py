@@ -8,6 +8,7 @@ so a run resumed from its last checkpoint (written atomically after every epoch)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -65,6 +66,21 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def init_distributed():
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), and leave it afterwards."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
@@ -234,6 +250,8 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch + 1, "history": history, "fingerprint": key, "stopped": stop},
                         resume_path)
+        if dist.is_initialized():
+            dist.barrier()
         if stop:
             break
     if recipe.channels_last:

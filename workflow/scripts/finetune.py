@@ -1,5 +1,4 @@
-from depthshrinker.finetune import finetune
-from depthshrinker.train import configure
+from depthshrinker.launch import launch
 
-configure(snakemake.threads, snakemake.log[0])
-finetune(snakemake.config, snakemake.input.dense, snakemake.input.mask, snakemake.output.model)
+launch(["finetune", "--dense", snakemake.input.dense, "--mask", snakemake.input.mask, "--out", snakemake.output.model],
+       snakemake.config, snakemake.threads, snakemake.resources.get("gpu", 0), snakemake.log[0])

@@ -1,7 +1,7 @@
-from depthshrinker.search import search
-from depthshrinker.train import configure
+from depthshrinker.launch import launch
 
-configure(snakemake.threads, snakemake.log[0])
 w = snakemake.wildcards
-search(snakemake.config, snakemake.input.dense, snakemake.output.model, w.method, w.granularity, float(w.keep),
-       snakemake.input.get("costs"))
+costs = ["--costs", snakemake.input.costs] if "costs" in snakemake.input.keys() else []
+launch(["search", "--dense", snakemake.input.dense, "--out", snakemake.output.model, "--method", w.method,
+        "--granularity", w.granularity, "--keep", w.keep, *costs],
+       snakemake.config, snakemake.threads, snakemake.resources.get("gpu", 0), snakemake.log[0])

@@ -1,5 +1,4 @@
-from depthshrinker.baselines import train_dense
-from depthshrinker.train import configure
+from depthshrinker.launch import launch
 
-configure(snakemake.threads, snakemake.log[0])
-train_dense(snakemake.config, snakemake.output.model)
+launch(["train-dense", "--out", snakemake.output.model], snakemake.config, snakemake.threads,
+       snakemake.resources.get("gpu", 0), snakemake.log[0])

@@ -6,7 +6,7 @@ What CrypTen communicates (per party, sent + received; verified against its coun
 * conv / linear layer (Beaver): opens ``x − a`` and ``W − b`` in one ``all_reduce`` → 16 B per element of
   input and weight, 1 round. Bias and residual additions, mean pooling (public divisor, local truncation in
   2PC) and input sharing (pseudo-random zero shares) are free.
-* ReLU: ``x · (x ≥ 0)``: A2B conversion, carry circuit, B2A and a Beaver product → 464 B per element,
+* ReLU: ``x · (x ≥ 0)`` (SNL masks: only on the kept elements, selected by public indices, for free): A2B conversion, carry circuit, B2A and a Beaver product → 464 B per element,
   9 rounds per layer. ReLU6 = ``hardtanh(0, 6)`` stacks its two ReLUs into one call → 928 B, still 9 rounds.
 * revealing the logits to the client: 8 B per logit, 1 round.
 
@@ -15,6 +15,7 @@ So ``B = 464·N_relu + 928·N_relu6 + 16·Σ(numel(in) + numel(W)) + 8·classes`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,11 @@ def _conv(conv: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, int
     out = (conv["out"], (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
     weight = conv["out"] * conv["in"] // conv["groups"] * k * k
     macs = out[0] * out[1] * out[2] * conv["in"] // conv["groups"] * k * k
-    return _linear(c * h * w, weight, macs) + _act(conv["act"], out[0] * out[1] * out[2]), out
+    elements = out[0] * out[1] * out[2]
+    if conv.get("mask"):  # SNL: only the mask's ones (broadcast over the rest of the shape) are compared
+        mask = conv["mask"]
+        elements = mask["ones"] * elements // math.prod(mask["shape"])
+    return _linear(c * h * w, weight, macs) + _act(conv["act"], elements), out
 
 
 def merged_conv(convs: list[dict]) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bits import decode_bits
 from . import cost
 from .compat import MPCError, import_crypten
 
@@ -52,6 +53,19 @@ def as_plain(model: nn.Module) -> nn.Module:
                    "EfficientNet-Lite model")
 
 
+def secure_act(y, conv: dict):
+    """The activation of a conv spec on a CrypTensor; with an SNL mask (public), only the kept elements go
+    through it: gather them by index, activate, add the difference back."""
+    act = SECURE_ACTS[conv["act"]]
+    if not conv.get("mask") or conv["act"] == "none":
+        return act(y)
+    mask = conv["mask"]
+    keep = decode_bits(mask["bits"], mask["shape"]).expand(1, *y.shape[1:]).flatten().nonzero().flatten()
+    flat = y.flatten()
+    kept = flat.index_select(0, keep)
+    return flat.index_add(0, keep, act(kept) - kept).view(y.shape)
+
+
 def secure_forward(spec: dict, params: dict, x):
     """Mirror ``PlainNet.forward`` on CrypTensors; ``params`` maps state_dict names to shared parameters."""
     for i, block in enumerate(spec["blocks"]):
@@ -60,7 +74,7 @@ def secure_forward(spec: dict, params: dict, x):
             name = f"blocks.{i}.convs.{j}."
             y = y.conv2d(params[name + "weight"], stride=conv["stride"], padding=conv["padding"],
                          groups=conv["groups"])
-            y = SECURE_ACTS[conv["act"]](y + params[name + "bias"].view(1, -1, 1, 1))
+            y = secure_act(y + params[name + "bias"].view(1, -1, 1, 1), conv)
         if block.get("residual"):
             y = y + x
         x = SECURE_ACTS[block.get("free_act", "none")](y)

@@ -1,0 +1,31 @@
+"""Run a CLI stage the way a workflow rule asks for it: in this process, or under ``torchrun`` with one
+process per GPU (DistributedDataParallel) when the rule was given more than one GPU (``resources: gpu=N``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+def launch(argv: list[str], config: dict, threads: int = 1, gpus: int = 0, log: str | None = None) -> None:
+    """``depthshrinker <argv>`` with ``config`` (an already validated dict); ``gpus > 1`` uses torchrun."""
+    argv = [str(a) for a in argv] + ["--threads", str(threads)]
+    if gpus <= 1:
+        from .cli import main
+
+        if main(argv, config=config, log_file=log) != 0:
+            raise SystemExit(f"depthshrinker {argv[0]} failed (see {log or 'stderr'})")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "depthshrinker.cli", *argv, "--config", f.name]
+    try:
+        with open(log or os.devnull, "a") as out:
+            subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
