@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,mpc]'
+	$(BIN)/python -m pip install --quiet -e '.[test,mpc,cluster]'
 	$(BIN)/python -m pip install --quiet --no-deps $(NODEPS)
 	touch $@
 

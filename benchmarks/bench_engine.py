@@ -10,7 +10,6 @@ engine / bare per repeat pair.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from depthshrinker.bench import quartiles
 from depthshrinker.config import validate
 from depthshrinker.data import build_loaders
 from depthshrinker.models import create_model
@@ -40,11 +40,6 @@ def bare_epoch(model, loader, lr: float) -> float:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - tic)
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return q[0], statistics.median(values), q[2]
 
 
 def main() -> None:
@@ -73,8 +68,8 @@ def main() -> None:
     print(f"device {device()}, threads {args.threads}, batch {args.batch}, {args.dataset} {args.image_size}px, "
           f"{args.repeats} interleaved epochs each")
     for name, values in (("bare loop img/s", bare), ("engine img/s", engine), ("engine / bare", ratios)):
-        lo, med, hi = quartiles(values)
-        print(f"{name:>16}: median {med:8.3f}  IQR [{lo:.3f}, {hi:.3f}]")
+        med, iqr = quartiles(values)
+        print(f"{name:>16}: median {med:8.3f}  IQR {iqr:.3f}")
 
 
 if __name__ == "__main__":

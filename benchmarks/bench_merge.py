@@ -10,11 +10,9 @@ repeat, so that machine-wide slowdowns cancel.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
+from depthshrinker.bench import quartiles, time_interleaved
 from depthshrinker.counting import macs
 from depthshrinker.gates import apply_keep
 from depthshrinker.merge import PATTERNS, conv_layers, merge_plain
@@ -30,33 +28,6 @@ def networks(arch: str) -> dict[str, torch.nn.Module]:
         nets[f"{name} unmerged"] = to_plain(apply_keep(model, activation_units(model), keep))
         nets[f"{name} merged"] = merge_plain(nets[f"{name} unmerged"])
     return nets
-
-
-@torch.inference_mode()
-def time_interleaved(nets: dict, x: torch.Tensor, repeats: int, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Seconds per batch: ``repeats`` samples per network, each the mean of ``iters`` calls, order rotated."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for net in nets.values():
-        for _ in range(warmup):
-            net(x)
-    sync()
-    names, times = list(nets), {name: [] for name in nets}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(iters):
-                nets[name](x)
-            sync()
-            times[name].append((time.perf_counter() - start) / iters)
-    return times
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    """(median, interquartile range)."""
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q2, q3 - q1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from depthshrinker import pruning
 from depthshrinker.checkpoint import load, load_model, save
-from depthshrinker.config import ConfigError
+from depthshrinker.config import ConfigError, validate
 from depthshrinker.counting import macs
 from depthshrinker.models import create_model
 from depthshrinker.plain import to_plain
@@ -101,7 +101,7 @@ def _search(model, seed):
         pruning.recalibrate_bn(candidate, [(x, y)])
         return evaluate(candidate, [(x, y)])
 
-    cost = pruning.COSTS["params"](32)
+    cost = pruning.COSTS["params"](validate({}))
     cfg = SearchConfig(population=4, generations=2, parents=2, mutation_prob=0.3)
     return search(model, 0.4 * cost(model), score, cost, cfg, seed)
 
@@ -118,7 +118,7 @@ def test_search_is_reproducible_and_returns_the_best_it_saw(mbv2):
 
 def test_infeasible_budget_is_a_config_error(mbv2, tmp_path):
     with pytest.raises(ConfigError, match=r"budget 1000 \(0\.00% of the dense"):
-        search(mbv2, 1000.0, lambda m: {"top1": 0.0, "loss": 0.0}, pruning.COSTS["macs"](32))
+        search(mbv2, 1000.0, lambda m: {"top1": 0.0, "loss": 0.0}, pruning.COSTS["macs"](validate({})))
     with pytest.raises(ConfigError, match="budget 1.5"):
         pruning.metaprune({}, tmp_path / "none.pt", tmp_path / "out.pt", 1.5)
     with pytest.raises(ConfigError, match="metapruning.populaton"):

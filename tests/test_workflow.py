@@ -20,7 +20,10 @@ def test_dry_run_of_the_default_grid(tmp_path):
     run = _snakemake("-n", "--quiet", "rules", "--config", f"results={tmp_path}/r")
     assert run.returncode == 0, run.stderr
     jobs = run.stdout + run.stderr
-    for rule, count in [("train_dense", 1), ("search", 3), ("extract", 3), ("finetune", 3), ("summarize", 1)]:
+    expected = [("train_dense", 1), ("cost_table", 1), ("search", 9), ("extract", 9), ("finetune", 9),
+                ("train_uniform", 3), ("metaprune", 3), ("merge", 16), ("bench_device", 16), ("bench_mpc", 16),
+                ("row", 16), ("summarize", 1), ("plots", 1)]
+    for rule, count in expected:
         assert any(line.split()[:2] == [rule, str(count)] for line in jobs.splitlines()), (rule, jobs)
 
 
@@ -47,8 +50,16 @@ def test_tiny_pipeline_runs_end_to_end(micro_config, tmp_path):
     config.write_text(yaml.safe_dump(micro_config))
     run = _snakemake("--cores", "2", "--configfile", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
-    table = pd.read_csv(Path(micro_config["results"]) / "summary.csv")
-    assert list(table["method"]) == ["dense", "depthshrinker"]
-    assert table.loc[1, "keep_ratio"] == 0.5
-    assert table.loc[1, "nonlinear_layers"] < table.loc[0, "nonlinear_layers"] == 35
-    assert table["top1"].notna().all()
+    results = Path(micro_config["results"])
+    table = pd.read_csv(results / "summary.csv").set_index("method")
+    assert sorted(table.index) == ["dense", "depthshrinker", "metapruning", "snl", "uniform"]
+    assert table.loc["depthshrinker", "keep_ratio"] == 0.5
+    assert table.loc["depthshrinker", "nonlinear_layers"] < table.loc["dense", "nonlinear_layers"] == 35
+    assert table.loc["snl", "nonlinear_layers"] == 35 > table.loc["depthshrinker", "nonlinear_layers"]
+    columns = ["top1", "params", "macs", "merge_max_abs_err", "cpu_latency_ms", "mpc_latency_s", "mpc_comm_mb",
+               "mpc_rounds"]
+    assert table[columns].notna().all().all()
+    assert (table["merge_max_abs_err"] < 1e-3).all()
+    assert table.loc["depthshrinker", "mpc_rounds"] < table.loc["dense", "mpc_rounds"]
+    assert (results / "latency" / "mpc-block.csv").is_file()
+    assert (results / "plots" / "accuracy_vs_mpc_latency.png").is_file()

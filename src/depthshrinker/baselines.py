@@ -1,11 +1,12 @@
-"""Baselines trained through the same engine: the dense teacher (and, later, uniform width and channel
-pruning)."""
+"""Baselines trained through the same engine: the dense teacher and the uniform width multipliers (the searched
+channel pruning lives in ``pruning``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
 from .data import build_loaders
 from .models import create_model
 from .train import train_stage
@@ -20,3 +21,18 @@ def train_dense(config: dict, out: str | Path) -> dict:
     model = create_model(m["arch"], loaders[2], m["small_input"], m["pretrained"])
     spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders[2], "small_input": m["small_input"]}
     return train_stage(config, "dense", model, spec, out, loaders)
+
+
+def train_uniform(config: dict, width: float, dense_ckpt: str | Path, out: str | Path) -> dict:
+    """Train ``model.arch`` at channel multiplier ``width`` from random init with the ``stages.uniform`` recipe,
+    distilled from the dense teacher when ``stages.distill.enabled``; writes ``out`` and its ``.json``."""
+    loaders = build_loaders(config["data"], config["seed"])
+    m = config["model"]
+    torch.manual_seed(config["seed"])
+    model = create_model(m["arch"], loaders[2], m["small_input"], width=width)
+    spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders[2], "small_input": m["small_input"],
+            "width": width}
+    distill = config["stages"]["distill"]["enabled"]
+    teacher = load_model(dense_ckpt)[0] if distill else None
+    return train_stage(config, "uniform", model, spec, out, loaders, teacher=teacher, distill=distill,
+                       desc=f"uniform {width}")

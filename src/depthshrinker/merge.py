@@ -214,7 +214,7 @@ def merge_checkpoint(ckpt_path: str | Path, out_path: str | Path, input_size: in
     model, _ = checkpoint.load_model(ckpt_path)
     merged, report = _merge_and_check(model, input_size, samples, seed)
     checkpoint.save(out_path, merged, merged.spec)
-    return {"checkpoint": str(ckpt_path), "merged": str(out_path), "input_size": input_size, **report}
+    return {"finetuned": str(ckpt_path), "merged": str(out_path), "input_size": input_size, **report}
 
 
 def merge_pattern(arch: str, keep: list[int] | str, input_size: int, pretrained: str = "none",

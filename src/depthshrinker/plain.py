@@ -128,9 +128,8 @@ def _check_plain(module: nn.Module) -> None:
             raise ConfigError(f"plain network: {type(module).__name__}.{name} is not supported")
 
 
-def to_plain(model: nn.Module) -> PlainNet:
-    """Fold a timm EfficientNet-family model (MobileNetV2, EfficientNet-Lite; masked or pruned) into a PlainNet
-    that computes the same function in eval mode."""
+def _layout(model: nn.Module) -> list[tuple[list[tuple[nn.Conv2d, nn.Module]], bool, str]]:
+    """The PlainNet blocks of a timm model: ((conv, BatchNormAct) pairs, residual, free activation) each."""
     pairs: list[tuple[list[tuple[nn.Conv2d, nn.Module]], bool, str]] = [([(model.conv_stem, model.bn1)], False, "none")]
     for stage in model.blocks:
         for block in stage:
@@ -138,6 +137,19 @@ def to_plain(model: nn.Module) -> PlainNet:
             free = _act_name(block.free_act) if hasattr(block, "free_act") else "none"
             pairs.append((_convs_of(block), bool(getattr(block, "has_skip", False)), free))
     pairs.append(([(model.conv_head, model.bn2)], False, "none"))
+    return pairs
+
+
+def act_positions(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Module path of each activation of a timm model -> (PlainNet block, conv) it follows."""
+    where = {id(bn.act): (i, j) for i, (convs, _, _) in enumerate(_layout(model)) for j, (_, bn) in enumerate(convs)}
+    return {path: where[id(m)] for path, m in model.named_modules() if id(m) in where}
+
+
+def to_plain(model: nn.Module) -> PlainNet:
+    """Fold a timm EfficientNet-family model (MobileNetV2, EfficientNet-Lite; masked or pruned) into a PlainNet
+    that computes the same function in eval mode."""
+    pairs = _layout(model)
     spec = {"kind": "plain", "num_classes": model.classifier.out_features,
             "blocks": [{"convs": [conv_spec(c, bn.act) for c, bn in convs], "residual": res,
                         "free_act": free} for convs, res, free in pairs],

@@ -37,9 +37,19 @@ from .train import device, evaluate, is_main, train_stage
 
 log = logging.getLogger(__name__)
 
-COSTS: dict[str, Callable[[int], Callable[[nn.Module], float]]] = {
-    "macs": lambda size: lambda model: float(macs(model, size)),
-    "params": lambda size: lambda model: float(params(model)),
+def _mpc_latency(config: dict) -> Callable[[nn.Module], float]:
+    """Estimated two-party latency (CrypTen cost model, ``mpc.network`` preset) of a timm or plain network."""
+    from .mpc.cost import estimate
+    from .mpc.engine import as_plain
+
+    size, network = config["data"]["image_size"], config["mpc"]["network"]
+    return lambda model: estimate(as_plain(copy.deepcopy(model).cpu()), size, network)["latency_s"]
+
+
+COSTS: dict[str, Callable[[dict], Callable[[nn.Module], float]]] = {
+    "macs": lambda config: lambda model: float(macs(model, config["data"]["image_size"])),
+    "params": lambda config: lambda model: float(params(model)),
+    "mpc": _mpc_latency,
 }
 
 
@@ -281,7 +291,7 @@ def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn
 
 def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: float, cost: str = "macs") -> dict:
     """Search the widths of the dense network under ``budget`` (a fraction of the dense ``cost``: ``macs`` at
-    ``data.image_size`` or ``params``), then finetune the winner with the ``finetune`` recipe (distilled from the
+    ``data.image_size``, ``params`` or ``mpc``, the estimated two-party latency), then finetune the winner with the ``finetune`` recipe (distilled from the
     dense teacher when ``stages.distill.enabled``); writes ``out`` and its ``.json`` with the search result."""
     if not 0 < budget <= 1:
         raise ConfigError(f"metapruning budget {budget}: must be a fraction of the dense cost in (0, 1]")
@@ -290,7 +300,7 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     cfg = SearchConfig.from_config(config)
     teacher, spec = load_model(dense_ckpt)
     teacher.to(device())
-    cost_fn = COSTS[cost](config["data"]["image_size"])
+    cost_fn = COSTS[cost](config)
     dense_cost = cost_fn(teacher)
     score = _scorer(build_datasets(config["data"], config["seed"]).train, cfg, config["data"], config["seed"])
     tic = time.perf_counter()
@@ -308,3 +318,10 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     if is_main():
         write_json(Path(out).with_suffix(".json"), metrics)
     return metrics
+
+
+def matched_budget(config: dict, cost: str, dense_ckpt: str | Path, target_ckpt: str | Path) -> float:
+    """The budget (fraction of the dense cost) that matches another cell's deployed network, e.g. the merged
+    DepthShrinker network at the same keep ratio, so that the baseline is compared at equal cost."""
+    cost_fn = COSTS[cost](config)
+    return min(1.0, cost_fn(load_model(target_ckpt)[0]) / cost_fn(load_model(dense_ckpt)[0]))

@@ -1,3 +1,6 @@
+# One row per cell, the summary table, the plots.
+
+
 rule profile:
     input:
         model=CELL + "/model.pt",
@@ -5,19 +8,25 @@ rule profile:
         CELL + "/profile.json",
     log:
         CELL + "/logs/profile.log",
+    params:
+        argv=lambda w, input, output: ["profile", "--model", input.model, "--method", w.method,
+                                       "--granularity", w.granularity, "--keep", w.keep, "--out", output[0]],
     script:
-        "../scripts/profile.py"
+        "../scripts/stage.py"
 
 
 rule row:
     input:
         CELL + "/profile.json",
+        CELL + "/merge.json",
+        CELL + "/bench.json",
+        CELL + "/mpc.json",
     output:
         CELL + "/row.json",
-    log:
-        CELL + "/logs/row.log",
-    script:
-        "../scripts/row.py"
+    run:
+        from depthshrinker.report import combine
+
+        combine(input, output[0])
 
 
 rule summarize:
@@ -27,5 +36,25 @@ rule summarize:
         report(f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Summary"),
     log:
         f"{RESULTS}/logs/summarize.log",
+    params:
+        argv=lambda w, input, output: ["summarize", *input, "--out", output[0]],
     script:
-        "../scripts/summarize.py"
+        "../scripts/stage.py"
+
+
+rule plots:
+    input:
+        f"{RESULTS}/summary.csv",
+    output:
+        report(
+            directory(f"{RESULTS}/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="Plots",
+        ),
+    log:
+        f"{RESULTS}/logs/plots.log",
+    params:
+        argv=lambda w, input, output: ["plots", "--summary", input[0], "--out", output[0]],
+    script:
+        "../scripts/stage.py"

@@ -264,7 +264,7 @@ def bench_mpc(ckpt_path: str | Path, out_json: str | Path, input_size: int, runs
     from ..checkpoint import load_model, write_json
 
     net = as_plain(load_model(ckpt_path)[0])
-    result = {"checkpoint": str(ckpt_path), **measure(net, input_size, runs, **kwargs)}
+    result = {"mpc_checkpoint": str(ckpt_path), **measure(net, input_size, runs, **kwargs)}
     predicted = cost.count(net, input_size)
     result.update(model_bytes=predicted.bytes, model_rounds=predicted.rounds,
                   **{f"mpc_est_{name}_s": cost.estimate(net, input_size, name)["latency_s"] for name in cost.NETWORKS})

@@ -1,0 +1,98 @@
+"""Per-unit cost tables for the platform-aware search (what upstream users measured by hand and typed into
+YAML as ``LAT_BEFORE`` / ``LAT_AFTER``): for every activation unit of the configured model and input size, the
+cost of its block as it is (``before``) and with the unit's activations removed and the block merged where the
+merge policy says so (``after``).
+
+Targets: ``cpu`` and ``gpu`` are measured (batch 1 on the CPU, the configured batch on the GPU; interleaved
+repeats, median), ``mpc`` is the two-party cost model (bytes and rounds exact for CrypTen; latency under the
+configured network preset).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import os
+from pathlib import Path
+
+import torch
+
+from .bench import time_interleaved
+from .config import ConfigError
+from .gates import apply_keep
+from .merge import merge_plain
+from .models import activation_units, create_model
+from .mpc import cost as mpc_cost
+from .plain import PlainNet, act_positions, to_plain
+
+UNITS = {"cpu": "ms", "gpu": "ms", "mpc": "s"}
+
+
+def unit_blocks(model, granularity: str) -> list[int]:
+    """The PlainNet block each unit of ``model`` lives in."""
+    where = act_positions(model)
+    return [where[unit.acts[0]][0] for unit in activation_units(model, granularity)]
+
+
+def shrunk(model, granularity: str, unit: int) -> PlainNet:
+    """``model`` (timm) with only ``unit``'s activations removed (pad-first where needed), BN folded and merged by
+    the default (MACs) policy."""
+    model = copy.deepcopy(model)
+    units = activation_units(model, granularity)
+    apply_keep(model, units, [int(i != unit) for i in range(len(units))])
+    return merge_plain(to_plain(model))
+
+
+def block_inputs(net: PlainNet, input_size: int) -> list[torch.Tensor]:
+    """The input (batch 1) of every block of ``net``."""
+    inputs, x = [], torch.randn(1, 3, input_size, input_size)
+    with torch.no_grad():
+        for block in net.blocks:
+            inputs.append(x)
+            x = block(x)
+    return inputs
+
+
+def cost_table(config: dict, target: str, granularity: str, out: str | Path, repeats: int = 7) -> list[dict]:
+    """Write ``out`` (CSV with a ``#`` header naming the target and the unit of measure): one row per unit with
+    ``before`` and ``after`` costs."""
+    if target not in UNITS:
+        raise ConfigError(f"stages.search.latency_target: no cost table for '{target}'")
+    if target == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("stages.search.latency_target: 'gpu' needs a CUDA device")
+    m, size = config["model"], config["data"]["image_size"]
+    model = create_model(m["arch"], 10, m["small_input"]).eval()
+    net = to_plain(model)
+    names = [u.name for u in activation_units(model, granularity)]
+    blocks = unit_blocks(model, granularity)
+    inputs = block_inputs(net, size)
+    rows = []
+    if target == "mpc":
+        network = config["mpc"]["network"]
+        for unit, (block, name) in enumerate(zip(blocks, names)):
+            shape = tuple(inputs[block].shape[1:])
+            before, _ = mpc_cost.block_cost(net.spec["blocks"][block], shape)
+            after, _ = mpc_cost.block_cost(shrunk(model, granularity, unit).spec["blocks"][block], shape)
+            rows.append({"name": name, "before": mpc_cost.latency(before, network),
+                         "after": mpc_cost.latency(after, network), "before_bytes": before.bytes,
+                         "after_bytes": after.bytes, "before_rounds": before.rounds, "after_rounds": after.rounds})
+        note = f"two-party CrypTen cost model, {network} preset"
+    else:
+        device = "cuda" if target == "gpu" else "cpu"
+        batch = config["data"]["batch_size"] if target == "gpu" else 1
+        for unit, (block, name) in enumerate(zip(blocks, names)):
+            pair = {"before": net.blocks[block], "after": shrunk(model, granularity, unit).blocks[block]}
+            x = inputs[block].expand(batch, -1, -1, -1).contiguous().to(device)
+            times = time_interleaved({k: v.to(device).eval() for k, v in pair.items()}, x, repeats, 3, 20)
+            rows.append({"name": name, **{k: 1e3 * sorted(t)[len(t) // 2] for k, t in times.items()}})
+        note = f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(f"# {target} cost per unit of {m['arch']} at {size}x{size}, {granularity} granularity; "
+                f"unit of measure: {UNITS[target]}; {note}\n")
+        writer = csv.DictWriter(f, fieldnames=["unit", *rows[0]])
+        writer.writeheader()
+        writer.writerows({"unit": i, **row} for i, row in enumerate(rows))
+    os.replace(tmp, out)
+    return rows

@@ -1,3 +1,0 @@
-from depthshrinker.report import summarize
-
-summarize(snakemake.input, snakemake.output[0])
