@@ -1,15 +1,17 @@
 """Summary table and plots."""
 import pandas as pd
 
-from depthshrinker.report import COLUMNS, combine, pareto, plots, summarize
+from depthshrinker.report import COLUMNS, cell_row, pareto, plots, summarize
 from depthshrinker.checkpoint import write_json
 
 
 def test_summary_has_the_contract_columns_and_one_row_per_cell(tmp_path):
-    write_json(tmp_path / "a1.json", {"method": "dense", "granularity": "full", "keep_ratio": 1.0, "top1": 99.0})
-    write_json(tmp_path / "a2.json", {"mpc_latency_s": 3.0, "extra": 1})
+    write_json(tmp_path / "model.json", {"top1": 99.0, "history": []})
+    write_json(tmp_path / "mpc.json", {"mpc_latency_s": 3.0, "extra": 1})
     write_json(tmp_path / "b.json", {"method": "snl", "granularity": "pixel", "keep_ratio": 0.4, "top1": 98.0})
-    combine([tmp_path / "a1.json", tmp_path / "a2.json"], tmp_path / "a.json")
+    row = cell_row("dense", "full", "1.0", tmp_path / "model.pt", [tmp_path / "mpc.json"], tmp_path / "a.json")
+    assert row == {"method": "dense", "granularity": "full", "keep_ratio": 1.0, "top1": 99.0,
+                   "checkpoint": str(tmp_path / "model.pt"), "mpc_latency_s": 3.0, "extra": 1}
     table = summarize([tmp_path / "b.json", tmp_path / "a.json"], tmp_path / "s.csv")
     assert list(table.columns[: len(COLUMNS)]) == COLUMNS
     assert list(table["method"]) == ["dense", "snl"]

@@ -200,8 +200,7 @@ def _merge_and_check(model: nn.Module, input_size: int, samples: int, seed: int)
     before, after = profile(plain, input_size), profile(merged, input_size)
     return merged, {
         "merge_max_abs_err": float((merged(x) - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
-        "params": after["params"], "macs": after["macs"], "nonlinear_units": after["nonlinear_units"],
-        "nonlinear_layers": after["nonlinear_layers"], "layers_before": conv_layers(plain),
+        **after, "layers_before": conv_layers(plain),
         "layers_after": conv_layers(merged), "params_unmerged": before["params"], "macs_unmerged": before["macs"],
         "merged_blocks": [i for i, b in enumerate(merged.spec["blocks"]) if any(len(s) > 1 for s in b["merged_from"])],
     }

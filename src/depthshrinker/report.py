@@ -26,9 +26,12 @@ def profile_cell(model_path: str | Path, method: str, granularity: str, keep_rat
     return row
 
 
-def combine(parts: list[str | Path], out: str | Path) -> dict:
-    """One cell's row: the union of the JSON dicts its stages wrote (profile, merge, benchmarks)."""
-    row = {}
+def cell_row(method: str, granularity: str, keep_ratio: float, model: str | Path, parts: list[str | Path],
+             out: str | Path) -> dict:
+    """One cell's row: its name, top-1 from the trained checkpoint's metrics (``model`` with suffix .json),
+    then the JSON dicts of its later stages (merge: the deployed network's counts; benchmarks)."""
+    row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio),
+           "top1": read_json(Path(model).with_suffix(".json"))["top1"], "checkpoint": str(model)}
     for part in parts:
         row.update(read_json(part))
     write_json(out, row)

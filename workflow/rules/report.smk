@@ -1,32 +1,18 @@
 # One row per cell, the summary table, the plots.
 
 
-rule profile:
-    input:
-        model=CELL + "/model.pt",
-    output:
-        CELL + "/profile.json",
-    log:
-        CELL + "/logs/profile.log",
-    params:
-        argv=lambda w, input, output: ["profile", "--model", input.model, "--method", w.method,
-                                       "--granularity", w.granularity, "--keep", w.keep, "--out", output[0]],
-    script:
-        "../scripts/stage.py"
-
-
 rule row:
     input:
-        CELL + "/profile.json",
-        CELL + "/merge.json",
-        CELL + "/bench.json",
-        CELL + "/mpc.json",
+        model=CELL + "/model.json",
+        parts=[CELL + "/merge.json", CELL + "/bench.json", CELL + "/mpc.json"],
     output:
         CELL + "/row.json",
+    localrule: True
     run:
-        from depthshrinker.report import combine
+        from depthshrinker.report import cell_row
 
-        combine(input, output[0])
+        w = wildcards
+        cell_row(w.method, w.granularity, w.keep, input.model.replace(".json", ".pt"), input.parts, output[0])
 
 
 rule summarize:
