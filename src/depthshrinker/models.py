@@ -164,10 +164,3 @@ def set_pad_first(block: InvertedResidual) -> None:
         return
     block.conv_pw.padding = tuple(pad)
     block.conv_dw.padding = (0, 0)
-
-
-def is_pad_first(block: InvertedResidual) -> bool:
-    """True when the block's zero padding sits before its expansion (or a 1x1 depthwise needs none)."""
-    if tuple(block.conv_dw.kernel_size) == (1, 1):
-        return True
-    return tuple(block.conv_dw.padding) == (0, 0) and tuple(block.conv_pw.padding) != (0, 0)

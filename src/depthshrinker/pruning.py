@@ -1,6 +1,6 @@
 """Channel-pruning baseline in the spirit of MetaPruning (Liu et al., ICCV 2019): an evolutionary search over
 per-stage widths under a cost budget, every candidate cut from the trained dense network, scored after
-BatchNorm recalibration on held-out training images, the winner finetuned with DepthShrinker's recipe.
+BatchNorm recalibration on held-out training images, the winner trained with the ``pruned`` recipe.
 
 Instead of MetaPruning's PruningNet (a hypernetwork that generates the weights of any candidate), candidates
 inherit the dense weights: torch-pruning's DependencyGraph (Fang et al., CVPR 2023) finds the coupled channels
@@ -291,8 +291,9 @@ def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn
 
 def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: float, cost: str = "macs") -> dict:
     """Search the widths of the dense network under ``budget`` (a fraction of the dense ``cost``: ``macs`` at
-    ``data.image_size``, ``params`` or ``mpc``, the estimated two-party latency), then finetune the winner with the ``finetune`` recipe (distilled from the
-    dense teacher when ``stages.distill.enabled``); writes ``out`` and its ``.json`` with the search result."""
+    ``data.image_size``, ``params`` or ``mpc``, the estimated two-party latency), then train the winner with
+    the ``pruned`` recipe (distilled from the dense teacher when ``stages.distill.enabled``); writes ``out``
+    and its ``.json`` with the search result."""
     if not 0 < budget <= 1:
         raise ConfigError(f"metapruning budget {budget}: must be a fraction of the dense cost in (0, 1]")
     if cost not in COSTS:
@@ -307,7 +308,7 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     student, best, history = search(teacher, budget * dense_cost, score, cost_fn, cfg, config["seed"])
     seconds = time.perf_counter() - tic
     distill = config["stages"]["distill"]["enabled"]
-    metrics = train_stage(config, "finetune", student, pruned_spec(spec, student), out,
+    metrics = train_stage(config, "pruned", student, pruned_spec(spec, student), out,
                           build_loaders(config["data"], config["seed"]), teacher=teacher if distill else None,
                           distill=distill, desc=f"metapruning {budget}")
     metrics["search"] = {"cost": cost, "budget": budget, "budget_cost": budget * dense_cost,
