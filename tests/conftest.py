@@ -24,7 +24,7 @@ def micro_config(tmp_path):
         "results": str(tmp_path / "results"),
         "data": {"dataset": "digits", "image_size": 16, "batch_size": 16, "eval_batch_size": 64, "limit": 128},
         "model": {"pretrained": "none"},
-        "stages": {"dense": {"epochs": 1, "lr": 2.0}, "search": {"epochs": 1, "lr": 2.0},
+        "stages": {"dense": {"epochs": 1, "lr": 2.0}, "search": {"epochs": 1, "lr": 2.0, "latency_target": "mpc"},
                    "finetune": {"epochs": 1, "lr": 2.0}},
         "mpc": {"runs": 1, "warmup": 0, "tolerance": 1.0},
         "bench": {"repeats": 2},

@@ -154,11 +154,23 @@ def test_missing_crypten_says_how_to_install(monkeypatch):
 
 # ---- CrypTen, two local parties ----
 
+def parties():
+    """Child processes running a CrypTen party (other tests may leave e.g. multiprocessing's resource tracker)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any("_party_main" in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def assert_no_parties_left(timeout=10.0):
     deadline = time.monotonic() + timeout
-    while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
+    while parties() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not psutil.Process().children(recursive=True)
+    assert not parties()
 
 
 @pytest.fixture(scope="module")

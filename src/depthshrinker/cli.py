@@ -34,7 +34,7 @@ def cmd_metaprune(args):
 
     config = _config(args)
     budget = args.budget if args.budget is not None else matched_budget(config, args.cost, args.dense, args.match)
-    result = metaprune(config, args.dense, args.out, budget, args.cost)
+    result = metaprune(config, args.dense, args.out, budget, args.cost, at_least_narrowest=args.budget is None)
     return {"top1": result["top1"], **{k: v for k, v in result["search"].items() if k != "history"}}
 
 

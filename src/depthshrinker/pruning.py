@@ -223,6 +223,11 @@ def _fitness(record: dict) -> tuple[float, float]:
     return record["top1"], -record["loss"]
 
 
+def narrowest_cost(dense: nn.Module, cost_fn: Callable[[nn.Module], float], round_to: int = 8) -> float:
+    """Cost of the narrowest network the search can reach (``round_to`` channels per group)."""
+    return cost_fn(prune(copy.deepcopy(dense), dict.fromkeys(stages(dense), 0.0), round_to))
+
+
 def search(dense: nn.Module, budget: float, score: Callable[[nn.Module], dict],
            cost_fn: Callable[[nn.Module], float], cfg: SearchConfig = SearchConfig(), seed: int = 0
            ) -> tuple[nn.Module, dict, list[dict]]:
@@ -230,7 +235,7 @@ def search(dense: nn.Module, budget: float, score: Callable[[nn.Module], dict],
     crossover, each half of a generation) under ``cost_fn(model) <= budget``; ``score(model)`` returns
     ``{"top1", "loss"}`` (higher top-1, then lower loss, is better; it may recalibrate the model in place).
     Returns (best model, its record, the history of every evaluated candidate); seeded by ``seed``."""
-    floor = cost_fn(prune(copy.deepcopy(dense), dict.fromkeys(stages(dense), 0.0), cfg.round_to))
+    floor = narrowest_cost(dense, cost_fn, cfg.round_to)
     if floor > budget:
         dense_cost = cost_fn(dense)
         raise ConfigError(f"metapruning: budget {budget:.4g} ({budget / dense_cost:.2%} of the dense network's "
@@ -289,11 +294,14 @@ def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn
     return score
 
 
-def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: float, cost: str = "macs") -> dict:
+def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: float, cost: str = "macs",
+              at_least_narrowest: bool = False) -> dict:
     """Search the widths of the dense network under ``budget`` (a fraction of the dense ``cost``: ``macs`` at
     ``data.image_size``, ``params`` or ``mpc``, the estimated two-party latency), then train the winner with
     the ``pruned`` recipe (distilled from the dense teacher when ``stages.distill.enabled``); writes ``out``
-    and its ``.json`` with the search result."""
+    and its ``.json`` with the search result. A budget below the narrowest network's cost is an error, or,
+    with ``at_least_narrowest`` (a budget matched to another method's network), is raised to that cost and
+    recorded: channel pruning keeps every activation layer, so under MPC it may not get as cheap at all."""
     if not 0 < budget <= 1:
         raise ConfigError(f"metapruning budget {budget}: must be a fraction of the dense cost in (0, 1]")
     if cost not in COSTS:
@@ -304,14 +312,21 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     cost_fn = COSTS[cost](config)
     dense_cost = cost_fn(teacher)
     score = _scorer(build_datasets(config["data"], config["seed"]).train, cfg, config["data"], config["seed"])
+    budget_cost = budget * dense_cost
+    floor = narrowest_cost(teacher, cost_fn, cfg.round_to)
+    raised = at_least_narrowest and budget_cost < floor
+    if raised:
+        log.warning("metapruning: budget %.4g is below the narrowest network's cost %.4g; searching at that cost",
+                    budget_cost, floor)
+        budget_cost = floor * (1 + cfg.tolerance)
     tic = time.perf_counter()
-    student, best, history = search(teacher, budget * dense_cost, score, cost_fn, cfg, config["seed"])
+    student, best, history = search(teacher, budget_cost, score, cost_fn, cfg, config["seed"])
     seconds = time.perf_counter() - tic
     distill = config["stages"]["distill"]["enabled"]
     metrics = train_stage(config, "pruned", student, pruned_spec(spec, student), out,
                           build_loaders(config["data"], config["seed"]), teacher=teacher if distill else None,
                           distill=distill, desc=f"metapruning {budget}")
-    metrics["search"] = {"cost": cost, "budget": budget, "budget_cost": budget * dense_cost,
+    metrics["search"] = {"cost": cost, "budget": budget, "budget_cost": budget_cost, "raised_to_narrowest": raised,
                          "dense_cost": dense_cost, "winner_cost": best["cost"],
                          "genes": dict(zip(stages(teacher), best["genes"])), "widths": best["widths"],
                          "holdout_top1": best["top1"], "candidates": len(history), "seconds": seconds,
