@@ -177,6 +177,8 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
         model.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(dev).eval().requires_grad_(False)
+        if recipe.channels_last:
+            teacher.to(memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov and recipe.momentum > 0)
