@@ -238,8 +238,9 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
             scheduler.step()
             total += loss.detach()
             seen += targets.numel()
+        loss_sum = total.item()  # waits for queued GPU work, so that the elapsed time is the real one
         elapsed = time.perf_counter() - tic
-        train_loss, batches, seen_all = _sum_across_ranks(total.item(), steps, seen)
+        train_loss, batches, seen_all = _sum_across_ranks(loss_sum, steps, seen)
         record = {"epoch": epoch + 1, "train_loss": train_loss / batches,
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed,
                   **{f"val_{k}": v for k, v in evaluate(model, val_loader, recipe).items()}}
