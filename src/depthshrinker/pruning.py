@@ -313,8 +313,8 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     dense_cost = cost_fn(teacher)
     score = _scorer(build_datasets(config["data"], config["seed"]).train, cfg, config["data"], config["seed"])
     budget_cost = budget * dense_cost
-    floor = narrowest_cost(teacher, cost_fn, cfg.round_to)
-    raised = at_least_narrowest and budget_cost < floor
+    floor = narrowest_cost(teacher, cost_fn, cfg.round_to) if at_least_narrowest else 0.0
+    raised = budget_cost < floor
     if raised:
         log.warning("metapruning: budget %.4g is below the narrowest network's cost %.4g; searching at that cost",
                     budget_cost, floor)

@@ -3,7 +3,7 @@
 
 rule row:
     input:
-        model=CELL + "/model.json",
+        model=CELL + "/model.pt",
         parts=[CELL + "/merge.json", CELL + "/bench.json", CELL + "/mpc.json"],
     output:
         CELL + "/row.json",
@@ -11,8 +11,7 @@ rule row:
     run:
         from depthshrinker.report import cell_row
 
-        w = wildcards
-        cell_row(w.method, w.granularity, w.keep, input.model.replace(".json", ".pt"), input.parts, output[0])
+        cell_row(wildcards.method, wildcards.granularity, wildcards.keep, input.model, input.parts, output[0])
 
 
 rule summarize:
