@@ -41,7 +41,8 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path):
     run = _snakemake("-n", "--configfile", str(bad))
     assert run.returncode != 0
     out = run.stdout + run.stderr
-    assert "1.5 is greater than the maximum of 1" in out and "['grid']['depthshrinker']['keep']" in out
+    assert "depthshrinker: config key 'grid.depthshrinker.keep.0': 1.5 is greater than the maximum of 1" \
+        in out.splitlines()
 
 
 @pytest.mark.slow

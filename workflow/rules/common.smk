@@ -1,7 +1,14 @@
 # Grid helpers: validate the config (schema defaults filled in) and expand the cells.
+import sys
+
 from snakemake.utils import validate
 
+from depthshrinker.config import ConfigError, validate as check
 
+try:  # the library's check first: one line naming the key, instead of jsonschema's report
+    check(config)
+except ConfigError as err:
+    sys.exit(f"depthshrinker: {err}")
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 RESULTS = config["results"]
