@@ -23,7 +23,7 @@ FAKE = {  # the SLURM client commands the plugin calls; sbatch records its argum
 
 @pytest.mark.parametrize("profile", ["default", "slurm", "cluster-generic"])
 def test_dry_run_with_profile(profile, tmp_path):
-    run = subprocess.run([*SNAKEMAKE, "-n", "--workflow-profile", f"workflow/profiles/{profile}",
+    run = subprocess.run([*SNAKEMAKE, "-n", "--workflow-profile", f"profiles/{profile}",
                           "--config", f"results={tmp_path}/r"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -43,13 +43,13 @@ def _fake_slurm(tmp_path) -> dict:
 def test_slurm_submit_lines_request_what_the_rules_declare(tmp_path):
     results = tmp_path / "r"
     # a finished dense model and one finished mask: the next jobs are a search and a finetune
-    dense = results / "dense/full/1.0"
-    cell = results / "depthshrinker/block/0.4"
+    dense = results / "dense/full/1.0/seed0"
+    cell = results / "depthshrinker/block/0.4/seed0"
     for path in (dense / "model.pt", dense / "model.json", results / "latency/mpc-block.csv", cell / "mask.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("placeholder\n")
-    targets = [str(results / "depthshrinker/block/0.6/search.pt"), str(cell / "model.pt")]
-    proc = subprocess.Popen([*SNAKEMAKE, *targets, "--workflow-profile", "workflow/profiles/slurm",
+    targets = [str(results / "depthshrinker/block/0.6/seed0/search.pt"), str(cell / "model.pt")]
+    proc = subprocess.Popen([*SNAKEMAKE, *targets, "--workflow-profile", "profiles/slurm",
                              "--config", f"results={results}", "--rerun-triggers", "mtime"],
                             cwd=ROOT, env=_fake_slurm(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -66,7 +66,38 @@ def test_slurm_submit_lines_request_what_the_rules_declare(tmp_path):
                     or f"'{rule}'" in line)
         assert "-p gpu" in line or "--partition gpu" in line or "--partition=gpu" in line, line
         assert "--gpus=1" in line or "--gpus 1" in line or "--gres=gpu:1" in line, line
-        assert "-t 4320" in line or "--time 4320" in line or "--time=4320" in line, line
-        assert "--mem 64000" in line or "--mem=64000" in line, line
+        # memory and time from config `resources.train` (the default's 4000 MB, 60 min), first attempt
+        assert "-t 60" in line or "--time 60" in line or "--time=60" in line, line
+        assert "--mem 4000" in line or "--mem=4000" in line, line
         assert "--cpus-per-gpu=8" in line or "--cpus-per-gpu 8" in line, line
     (tmp_path / "submit-lines.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_cluster_generic_reports_a_job_the_scheduler_killed_as_failed(micro_config, tmp_path):
+    """The shipped submit/status scripts (SUBMIT=local) as the scheduler: kill the running job's process group
+    from outside, as a scheduler would; Snakemake must report the job failed and stop, not wait for it."""
+    import yaml
+
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump(micro_config))
+    target = f"{micro_config['results']}/dense/full/1.0/seed0/model.pt"
+    proc = subprocess.Popen([*SNAKEMAKE, target, "--workflow-profile", "profiles/cluster-generic", "--configfile",
+                             str(config), "--retries", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    jobs = ROOT / ".snakemake/cluster-jobs"
+    deadline = time.time() + 120
+    pid_files = []
+    while time.time() < deadline and not pid_files:
+        pid_files = [p for p in jobs.glob("local-train_dense-*.pid") if p.stat().st_mtime > time.time() - 120]
+        time.sleep(0.5)
+    assert pid_files, "no job was submitted"
+    time.sleep(2)
+    os.killpg(int(pid_files[0].read_text()), 9)
+    try:
+        output = proc.communicate(timeout=90)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("snakemake kept waiting for a job the scheduler killed")
+    assert proc.returncode != 0
+    assert "Error in rule train_dense" in output, output[-3000:]

@@ -1,5 +1,6 @@
-"""The Snakemake workflow: dry-run of the default grid, one cell rebuilt by naming its file, a tiny real run."""
-import shutil
+"""The Snakemake workflow: dry-runs of the default grid, one cell rebuilt by naming its file, lint, a tiny real run,
+and config-aware reruns (a changed key reruns exactly the jobs whose stage reads it, and their dependants)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from depthshrinker.checkpoint import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -16,23 +19,45 @@ def _snakemake(*args, cwd=ROOT):
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_dry_run_of_the_default_grid(tmp_path):
-    run = _snakemake("-n", "--quiet", "rules", "--config", f"results={tmp_path}/r")
-    assert run.returncode == 0, run.stderr
-    jobs = run.stdout + run.stderr
-    expected = [("train_dense", 1), ("cost_table", 1), ("search", 9), ("extract", 9), ("finetune", 9),
-                ("train_uniform", 3), ("metaprune", 3), ("merge", 16), ("bench_device", 16), ("bench_mpc", 16),
-                ("row", 16), ("summarize", 1), ("plots", 1)]
-    for rule, count in expected:
-        assert any(line.split()[:2] == [rule, str(count)] for line in jobs.splitlines()), (rule, jobs)
+def planned(*args) -> dict[str, int]:
+    """{rule: job count} of a dry-run (empty when nothing is to be done)."""
+    run = _snakemake("-n", "--quiet", "rules", *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    counts = {}
+    for line in (run.stdout + run.stderr).splitlines():
+        match = re.fullmatch(r"([a-z_]+)\s+(\d+)", line.strip())
+        if match and match[1] not in ("job", "total"):
+            counts[match[1]] = int(match[2])
+    return counts
+
+
+def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
+    jobs = planned("--config", f"results={tmp_path}/r")
+    assert jobs == {"train_dense": 1, "cost_table": 1, "search": 9, "extract": 9, "finetune": 9, "train_uniform": 3,
+                    "metaprune": 3, "merge": 16, "bench_device": 16, "bench_mpc": 16, "row": 16, "summarize": 1,
+                    "aggregate": 1, "plots": 1, "all": 1}
+
+
+def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
+    overlay = tmp_path / "seeds.yaml"
+    overlay.write_text(yaml.safe_dump({"grid": {"seeds": [0, 1, 2]}}))
+    jobs = planned("--configfile", str(overlay), "--config", f"results={tmp_path}/r")
+    # cost table once; the MPC benchmark of dense and uniform cells (seed-independent architectures) once
+    assert jobs["cost_table"] == 1 and jobs["train_dense"] == 3 and jobs["finetune"] == 27 and jobs["row"] == 48
+    assert jobs["bench_mpc"] == 48 - 2 * 4
 
 
 def test_one_cell_is_rebuilt_by_naming_its_file(tmp_path):
-    target = f"{tmp_path}/r/depthshrinker/block/0.6/mask.json"
-    run = _snakemake(target, "-n", "--quiet", "rules", "--config", f"results={tmp_path}/r")
-    assert run.returncode == 0, run.stderr
-    out = run.stdout + run.stderr
-    assert "search" in out and "finetune" not in out and "summarize" not in out
+    jobs = planned(f"{tmp_path}/r/depthshrinker/block/0.6/seed0/mask.json", "--config", f"results={tmp_path}/r")
+    assert jobs == {"train_dense": 1, "cost_table": 1, "search": 1, "extract": 1}
+
+
+@pytest.mark.parametrize("target", ["depthshrinker/block/1.7/seed0/model.pt", "depthshrinker/block/0.4/seed9/mpc.json",
+                                    "dense/full/1.0/seed0/nothing.json"])
+def test_a_target_outside_the_grid_plans_nothing(tmp_path, target):
+    run = _snakemake("-n", f"{tmp_path}/r/{target}", "--config", f"results={tmp_path}/r")
+    assert run.returncode != 0
+    assert "MissingRuleException" in run.stdout + run.stderr or "No rule to produce" in run.stdout + run.stderr
 
 
 def test_bad_config_is_rejected_naming_the_key(tmp_path):
@@ -45,16 +70,38 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path):
         in out.splitlines()
 
 
+def test_lint_is_clean():
+    run = _snakemake("--lint")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+# What a one-key change must rerun on the finished tiny grid (dense, DS block 0.5, SNL channel 0.5, uniform 0.5,
+# MetaPruning mpc 0.5: 5 cells, 1 seed). Every change ends in the summary, the aggregate and the plots.
+END = {"summarize": 1, "aggregate": 1, "plots": 1, "all": 1}
+SHRUNK = {"merge": 3, "bench_device": 3, "bench_mpc": 3, "row": 3, "metaprune": 1}  # DS, SNL, MetaPruning cells
+RERUNS = [
+    ({"stages": {"finetune": {"epochs": 2}}}, {"finetune": 2, **SHRUNK, **END}),
+    ({"stages": {"search": {"epochs": 2}}}, {"search": 2, "extract": 2, "finetune": 2, **SHRUNK, **END}),
+    ({"stages": {"uniform": {"epochs": 2}}},
+     {"train_uniform": 1, "merge": 1, "bench_device": 1, "bench_mpc": 1, "row": 1, **END}),
+    ({"metapruning": {"population": 3}}, {"metaprune": 1, "merge": 1, "bench_device": 1, "bench_mpc": 1, "row": 1, **END}),
+    ({"mpc": {"runs": 2}}, {"bench_mpc": 5, "row": 5, **END}),
+    ({"bench": {"repeats": 3}}, {"bench_device": 5, "row": 5, **END}),
+]
+
+
 @pytest.mark.slow
-def test_tiny_pipeline_runs_end_to_end(micro_config, tmp_path):
+def test_tiny_pipeline_runs_end_to_end_and_reruns_what_a_config_change_affects(micro_config, tmp_path):
     config = tmp_path / "micro.yaml"
     config.write_text(yaml.safe_dump(micro_config))
     run = _snakemake("--cores", "2", "--configfile", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "Shell command: None" not in run.stdout + run.stderr
     results = Path(micro_config["results"])
     table = pd.read_csv(results / "summary.csv").set_index("method")
     assert sorted(table.index) == ["dense", "depthshrinker", "metapruning", "snl", "uniform"]
-    assert table.loc["depthshrinker", "keep_ratio"] == 0.5
+    assert table.loc["depthshrinker", "keep_ratio"] == 0.5 and (table["seed"] == 0).all()
+    assert table["config_hash"].str.fullmatch(r"[0-9a-f]{12}").all()
     assert table.loc["depthshrinker", "nonlinear_layers"] < table.loc["dense", "nonlinear_layers"] == 35
     assert table.loc["snl", "nonlinear_layers"] == 35 > table.loc["depthshrinker", "nonlinear_layers"]
     columns = ["top1", "params", "macs", "merge_max_abs_err", "cpu_latency_ms", "mpc_latency_s", "mpc_comm_mb",
@@ -62,5 +109,23 @@ def test_tiny_pipeline_runs_end_to_end(micro_config, tmp_path):
     assert table[columns].notna().all().all()
     assert (table["merge_max_abs_err"] < 1e-3).all()
     assert table.loc["depthshrinker", "mpc_rounds"] < table.loc["dense", "mpc_rounds"]
-    assert (results / "latency" / "mpc-block.csv").is_file()
+    assert (results / "latency" / "mpc-block.csv").is_file() and (results / "summary_by_cell.csv").is_file()
     assert (results / "plots" / "accuracy_vs_mpc_latency.png").is_file()
+    # every job left a non-empty log, and every stage's JSON names the config it answers
+    cell = results / "depthshrinker/block/0.5/seed0"
+    logs = [log for log in results.rglob("logs/*.log")]
+    assert len(logs) >= 40 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
+    for name, stage in [("model.json", "finetune"), ("merge.json", "merge"), ("mpc.json", "bench-mpc"),
+                        ("bench.json", "bench-device"), ("mask.json", "extract"), ("row.json", "row:depthshrinker")]:
+        block = read_json(cell / name)["provenance"]
+        assert block["stage"] == stage and re.fullmatch(r"[0-9a-f]{12}", block["config_hash"]), name
+        assert block["torch"] and block["depthshrinker"]
+
+    assert planned("--configfile", str(config)) == {}  # finished: nothing to do
+    for change, expected in RERUNS:
+        overlay = tmp_path / "change.yaml"
+        overlay.write_text(yaml.safe_dump(change))
+        assert planned("--configfile", str(config), str(overlay)) == expected, change
+    overlay.write_text(yaml.safe_dump({"data": {"dataset": "fake"}}))
+    everything = planned("--configfile", str(config), str(overlay))
+    assert everything == planned("--configfile", str(config), "--forceall")

@@ -63,3 +63,8 @@ def deep_merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def for_seed(config: dict, seed: int | str | None) -> dict:
+    """The config of one replicate: ``seed`` set to ``seed`` (``config`` itself when ``seed`` is None)."""
+    return config if seed is None else deep_merge(config, {"seed": int(seed)})

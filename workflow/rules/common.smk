@@ -1,9 +1,11 @@
-# Grid helpers: validate the config (schema defaults filled in) and expand the cells.
+# Grid helpers: validate the config (schema defaults filled in), expand the cells, and hand each rule the config
+# sections its stage reads (as params, so a change there reruns exactly that job and what depends on it).
 import sys
 
 from snakemake.utils import validate
 
-from depthshrinker.config import ConfigError, validate as check
+from depthshrinker.config import ConfigError, for_seed, validate as check
+from depthshrinker.provenance import sections
 
 try:  # the library's check first: one line naming the key, instead of jsonschema's report
     check(config)
@@ -12,32 +14,46 @@ except ConfigError as err:
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 RESULTS = config["results"]
-CELL = RESULTS + "/{method}/{granularity}/{keep}"
-DENSE = f"{RESULTS}/dense/full/1.0/model.pt"
+CELL = f"{RESULTS}/{{method}}/{{granularity}}/{{keep}}/seed{{seed}}"
+DENSE = f"{RESULTS}/dense/full/1.0/seed{{seed}}/model.pt"
+SEEDS = config["grid"]["seeds"]
 GPU = 1  # GPUs per training job; a profile raises it (set-resources) to train with DDP under torchrun
+ENV = "../../envs/depthshrinker.yaml"
 
 
-wildcard_constraints:
+def _keeps(values):
+    return "|".join(str(float(v)).replace(".", r"\.") for v in values) or "none"
+
+
+GRID = config["grid"]
+
+wildcard_constraints:  # only the values the config asks for: a mistyped target fails at once, naming no job
     method="dense|depthshrinker|snl|uniform|metapruning",
-    granularity="[a-z]+",
-    keep=r"[0-9]+\.[0-9]+",
+    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params",
+    keep=_keeps({1.0, *GRID["depthshrinker"]["keep"], *GRID["snl"]["keep"], *GRID["uniform"]["width"],
+                 *GRID["metapruning"]["match"]}),
+    seed="|".join(str(s) for s in SEEDS),
 
 
 def cells():
     """(method, granularity, keep) of every cell the config asks for; numbers formatted as floats."""
-    grid = config["grid"]
-    out = [("dense", "full", "1.0")] if grid["dense"] else []
+    out = [("dense", "full", "1.0")] if GRID["dense"] else []
     for method in ("depthshrinker", "snl"):
-        out += [(method, g, str(float(k))) for g in grid[method]["granularity"] for k in grid[method]["keep"]]
-    out += [("uniform", "width", str(float(w))) for w in grid["uniform"]["width"]]
-    mp = grid["metapruning"]
+        out += [(method, g, str(float(k))) for g in GRID[method]["granularity"] for k in GRID[method]["keep"]]
+    out += [("uniform", "width", str(float(w))) for w in GRID["uniform"]["width"]]
+    mp = GRID["metapruning"]
     out += [("metapruning", c, str(float(k))) for c in mp["cost"] for k in mp["match"]]
     return out
 
 
 def cell_files(name):
-    """The file ``name`` of every cell."""
-    return [f"{RESULTS}/{m}/{g}/{k}/{name}" for m, g, k in cells()]
+    """The file ``name`` of every cell and seed."""
+    return [f"{RESULTS}/{m}/{g}/{k}/seed{s}/{name}" for m, g, k in cells() for s in SEEDS]
+
+
+def reads(stage):
+    """Params function: the config sections ``stage`` reads, for this job (``row:<method>`` for a row)."""
+    return lambda wildcards: sections(for_seed(config, wildcards.get("seed")), stage.format(**dict(wildcards.items())))
 
 
 def cost_table(wildcards):
@@ -47,3 +63,16 @@ def cost_table(wildcards):
         return []
     return [f"{RESULTS}/latency/{target}-{wildcards.granularity}.csv"]
 
+
+def resources(kind):
+    """mem_mb and runtime (minutes) of a rule class from config ``resources``, scaled by the attempt."""
+    base = config["resources"][kind]
+    return {"mem_mb": lambda wildcards, attempt: base["mem_mb"] * attempt,
+            "runtime": lambda wildcards, attempt: base["runtime"] * attempt}
+
+
+def mpc_part(wildcards):
+    """The MPC benchmark a row reads: dense and uniform architectures do not depend on the seed, so every seed
+    reads the first seed's (bytes and rounds are exact; one latency measurement per architecture)."""
+    seed = SEEDS[0] if wildcards.method in ("dense", "uniform") else wildcards.seed
+    return f"{RESULTS}/{wildcards.method}/{wildcards.granularity}/{wildcards.keep}/seed{seed}/mpc.json"

@@ -1,17 +1,35 @@
-# One row per cell, the summary table, the plots.
+# One row per cell and seed, the summary tables, the plots.
+
+
+localrules:
+    extract,
+    row,
+    summarize,
+    aggregate,
+    plots,
 
 
 rule row:
     input:
-        model=CELL + "/model.pt",
-        parts=[CELL + "/merge.json", CELL + "/bench.json", CELL + "/mpc.json"],
+        model=f"{CELL}/model.pt",
+        merge=f"{CELL}/merge.json",
+        bench=f"{CELL}/bench.json",
+        mpc=mpc_part,
     output:
-        CELL + "/row.json",
-    localrule: True
-    run:
-        from depthshrinker.report import cell_row
-
-        cell_row(wildcards.method, wildcards.granularity, wildcards.keep, input.model, input.parts, output[0])
+        f"{CELL}/row.json",
+    log:
+        f"{CELL}/logs/row.log",
+    params:
+        config=reads("row:{method}"),
+        argv=lambda w, input, output: ["row", "--method", w.method, "--granularity", w.granularity, "--keep", w.keep,
+                                       "--model", input.model, "--out", output[0], input.merge, input.bench,
+                                       input.mpc],
+    resources:
+        **resources("light"),
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
 
 
 rule summarize:
@@ -22,14 +40,38 @@ rule summarize:
     log:
         f"{RESULTS}/logs/summarize.log",
     params:
+        config=reads("summarize"),
         argv=lambda w, input, output: ["summarize", *input, "--out", output[0]],
+    resources:
+        **resources("light"),
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule aggregate:
+    input:
+        f"{RESULTS}/summary.csv",
+    output:
+        report(f"{RESULTS}/summary_by_cell.csv", caption="../report/summary.rst", category="Summary"),
+    log:
+        f"{RESULTS}/logs/aggregate.log",
+    params:
+        config=reads("aggregate"),
+        argv=lambda w, input, output: ["aggregate", input[0], "--out", output[0]],
+    resources:
+        **resources("light"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"
 
 
 rule plots:
     input:
-        f"{RESULTS}/summary.csv",
+        summary=f"{RESULTS}/summary.csv",
+        by_cell=f"{RESULTS}/summary_by_cell.csv",
     output:
         report(
             directory(f"{RESULTS}/plots"),
@@ -40,6 +82,11 @@ rule plots:
     log:
         f"{RESULTS}/logs/plots.log",
     params:
-        argv=lambda w, input, output: ["plots", "--summary", input[0], "--out", output[0]],
+        config=reads("plots"),
+        argv=lambda w, input, output: ["plots", "--summary", input.summary, "--out", output[0]],
+    resources:
+        **resources("light"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"

@@ -6,36 +6,47 @@ rule search:
         dense=DENSE,
         costs=cost_table,
     output:
-        model=CELL + "/search.pt",
-        metrics=CELL + "/search.json",
+        model=f"{CELL}/search.pt",
+        metrics=f"{CELL}/search.json",
     log:
-        CELL + "/logs/search.log",
+        f"{CELL}/logs/search.log",
     wildcard_constraints:
         method="depthshrinker|snl",
     benchmark:
-        CELL + "/benchmarks/search.tsv"
+        f"{CELL}/benchmarks/search.tsv"
     params:
+        config=reads("search"),
         argv=lambda w, input, output: ["search", "--dense", input.dense, "--out", output.model, "--method", w.method,
                                        "--granularity", w.granularity, "--keep", w.keep]
         + (["--costs", input.costs[0]] if input.costs else []),
     threads: config["threads"]
     resources:
         gpu=GPU,
+        **resources("train"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"
 
 
 rule extract:
     input:
-        search=CELL + "/search.pt",
+        search=f"{CELL}/search.pt",
     output:
-        mask=CELL + "/mask.json",
+        mask=f"{CELL}/mask.json",
     log:
-        CELL + "/logs/extract.log",
+        f"{CELL}/logs/extract.log",
     wildcard_constraints:
         method="depthshrinker|snl",
+    benchmark:
+        f"{CELL}/benchmarks/extract.tsv"
     params:
+        config=reads("extract"),
         argv=lambda w, input, output: ["extract", "--search", input.search, "--out", output.mask],
+    resources:
+        **resources("light"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"
 
@@ -43,20 +54,24 @@ rule extract:
 rule finetune:
     input:
         dense=DENSE,
-        mask=CELL + "/mask.json",
+        mask=f"{CELL}/mask.json",
     output:
-        model=CELL + "/model.pt",
-        metrics=CELL + "/model.json",
+        model=f"{CELL}/model.pt",
+        metrics=f"{CELL}/model.json",
     log:
-        CELL + "/logs/finetune.log",
+        f"{CELL}/logs/finetune.log",
     wildcard_constraints:
         method="depthshrinker|snl",
     benchmark:
-        CELL + "/benchmarks/finetune.tsv"
+        f"{CELL}/benchmarks/finetune.tsv"
     params:
+        config=reads("finetune"),
         argv=lambda w, input, output: ["finetune", "--dense", input.dense, "--mask", input.mask, "--out", output.model],
     threads: config["threads"]
     resources:
         gpu=GPU,
+        **resources("train"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"

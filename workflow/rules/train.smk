@@ -6,14 +6,18 @@ rule train_dense:
         model=DENSE,
         metrics=DENSE.replace(".pt", ".json"),
     log:
-        f"{RESULTS}/dense/full/1.0/logs/train_dense.log",
+        f"{RESULTS}/dense/full/1.0/seed{{seed}}/logs/train_dense.log",
     benchmark:
-        f"{RESULTS}/dense/full/1.0/benchmarks/train_dense.tsv"
+        f"{RESULTS}/dense/full/1.0/seed{{seed}}/benchmarks/train_dense.tsv"
     params:
+        config=reads("train-dense"),
         argv=lambda w, output: ["train-dense", "--out", output.model],
     threads: config["threads"]
     resources:
         gpu=GPU,
+        **resources("train"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"
 
@@ -22,17 +26,22 @@ rule train_uniform:
     input:
         dense=DENSE,
     output:
-        model=RESULTS + "/uniform/width/{keep}/model.pt",
-        metrics=RESULTS + "/uniform/width/{keep}/model.json",
+        model=f"{RESULTS}/uniform/width/{{keep}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/uniform/width/{{keep}}/seed{{seed}}/model.json",
     log:
-        RESULTS + "/uniform/width/{keep}/logs/train_uniform.log",
+        f"{RESULTS}/uniform/width/{{keep}}/seed{{seed}}/logs/train_uniform.log",
     benchmark:
-        RESULTS + "/uniform/width/{keep}/benchmarks/train_uniform.tsv"
+        f"{RESULTS}/uniform/width/{{keep}}/seed{{seed}}/benchmarks/train_uniform.tsv"
     params:
-        argv=lambda w, input, output: ["train-uniform", "--width", w.keep, "--dense", input.dense, "--out", output.model],
+        config=reads("train-uniform"),
+        argv=lambda w, input, output: ["train-uniform", "--width", w.keep, "--dense", input.dense, "--out",
+                                       output.model],
     threads: config["threads"]
     resources:
         gpu=GPU,
+        **resources("train"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"
 
@@ -40,19 +49,23 @@ rule train_uniform:
 rule metaprune:
     input:
         dense=DENSE,
-        match=RESULTS + "/depthshrinker/block/{keep}/merged.pt",
+        match=f"{RESULTS}/depthshrinker/block/{{keep}}/seed{{seed}}/merged.pt",
     output:
-        model=RESULTS + "/metapruning/{granularity}/{keep}/model.pt",
-        metrics=RESULTS + "/metapruning/{granularity}/{keep}/model.json",
+        model=f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/model.pt",
+        metrics=f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/model.json",
     log:
-        RESULTS + "/metapruning/{granularity}/{keep}/logs/metaprune.log",
+        f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/logs/metaprune.log",
     benchmark:
-        RESULTS + "/metapruning/{granularity}/{keep}/benchmarks/metaprune.tsv"
+        f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/benchmarks/metaprune.tsv"
     params:
+        config=reads("metaprune"),
         argv=lambda w, input, output: ["metaprune", "--dense", input.dense, "--cost", w.granularity,
                                        "--match", input.match, "--out", output.model],
     threads: config["threads"]
     resources:
         gpu=GPU,
+        **resources("train"),
+    conda:
+        ENV
     script:
         "../scripts/stage.py"

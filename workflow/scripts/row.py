@@ -1,3 +1,0 @@
-from depthshrinker.report import combine
-
-combine(snakemake.input, snakemake.output[0])
