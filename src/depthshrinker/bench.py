@@ -6,11 +6,11 @@ slowdowns cancel (nanoGPT's ``bench.py`` discipline; upstream DepthShrinker: bat
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
 from .checkpoint import load_model, write_json
 from .mpc.engine import as_plain
@@ -19,20 +19,17 @@ from .mpc.engine import as_plain
 @torch.inference_mode()
 def time_interleaved(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int,
                      iters: int) -> dict[str, list[float]]:
-    """Seconds per call: ``repeats`` samples per network, each the mean of ``iters`` calls, order rotated."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for net in nets.values():
-        for _ in range(warmup):
-            net(x)
-    sync()
+    """Seconds per call: ``repeats`` samples per network, each the mean of ``iters`` calls
+    (``torch.utils.benchmark.Timer``, which synchronises CUDA and keeps this process's thread count), in an order
+    rotated every repeat so that a machine-wide slowdown hits every network alike."""
+    timers = {name: benchmark.Timer("net(x)", globals={"net": net, "x": x}, num_threads=torch.get_num_threads())
+              for name, net in nets.items()}
+    for timer in timers.values():
+        timer.timeit(warmup)
     names, times = list(nets), {name: [] for name in nets}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(iters):
-                nets[name](x)
-            sync()
-            times[name].append((time.perf_counter() - start) / iters)
+            times[name].append(timers[name].timeit(iters).mean)
     return times
 
 

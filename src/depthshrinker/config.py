@@ -36,11 +36,43 @@ def _with_defaults(cls):
     return jsonschema.validators.extend(cls, {"properties": fill})
 
 
+def _scalar(text: str, types: set[str]):
+    """``text`` read as the first of the schema's scalar ``types`` it parses as (else unchanged)."""
+    for kind, parse in (("integer", int), ("number", float), ("boolean", {"true": True, "false": False}.__getitem__),
+                        ("null", {"null": None}.__getitem__)):
+        if kind in types:
+            try:
+                return parse(text.strip().lower() if kind in ("boolean", "null") else text)
+            except (KeyError, ValueError):
+                pass
+    return text
+
+
+def coerce(instance, sch: dict, root: dict):
+    """Snakemake's ``--config key=value`` reads every nested scalar as a string (YAML BaseLoader): turn strings
+    back into the numbers and booleans the schema asks for, so ``--config 'grid={snl: {keep: [0.5]}}'`` works."""
+    while "$ref" in sch:
+        sch = root["$defs"][sch["$ref"].rsplit("/", 1)[-1]]
+    types = set(sch.get("type", [])) if isinstance(sch.get("type"), list) else {sch.get("type")}
+    if "enum" in sch and isinstance(instance, str):
+        return next((v for v in sch["enum"] if str(v).lower() == instance.lower()), instance)
+    if isinstance(instance, str) and "string" not in types:
+        return _scalar(instance, types)
+    if isinstance(instance, list) and "items" in sch:
+        return [coerce(item, sch["items"], root) for item in instance]
+    if isinstance(instance, dict):
+        props = sch.get("properties", {})
+        return {k: coerce(v, props[k], root) if k in props else v for k, v in instance.items()}
+    return instance
+
+
 def validate(config: dict) -> dict:
-    """Return a validated copy of ``config`` with the schema defaults filled in; raise ConfigError naming the key."""
-    config = copy.deepcopy(config or {})
+    """Return a validated copy of ``config`` with the schema defaults filled in (strings coerced to the schema's
+    numbers and booleans); raise ConfigError naming the key."""
+    root = schema()
+    config = coerce(copy.deepcopy(config or {}), root, root)
     cls = _with_defaults(jsonschema.Draft202012Validator)
-    error = jsonschema.exceptions.best_match(cls(schema()).iter_errors(config))
+    error = jsonschema.exceptions.best_match(cls(root).iter_errors(config))
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
         raise ConfigError(f"config key '{key}': {error.message}")

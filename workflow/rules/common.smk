@@ -7,8 +7,8 @@ from snakemake.utils import validate
 from depthshrinker.config import ConfigError, for_seed, validate as check
 from depthshrinker.provenance import sections
 
-try:  # the library's check first: one line naming the key, instead of jsonschema's report
-    check(config)
+try:  # the library's check first: one line naming the key; `--config` strings become the schema's numbers
+    config.update(check(config))
 except ConfigError as err:
     sys.exit(f"depthshrinker: {err}")
 validate(config, "../schemas/config.schema.yaml", set_default=True)
