@@ -2,6 +2,7 @@
 # sections its stage reads (as params, so a change there reruns exactly that job and what depends on it).
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from depthshrinker.config import ConfigError, for_seed, validate as check
@@ -62,6 +63,15 @@ def cost_table(wildcards):
     if wildcards.method != "depthshrinker" or target == "none":
         return []
     return [f"{RESULTS}/latency/{target}-{wildcards.granularity}.csv"]
+
+
+def all_cores(wildcards):
+    """Threads of a timing job: every core of a local run, so no other job shares the machine while it times;
+    on a cluster (no total core count) one, unless the profile's set-threads asks for more."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 def resources(kind):

@@ -39,7 +39,7 @@ rule bench_device:
         config=reads("bench-device"),
         argv=lambda w, input, output: ["bench-device", "--model", input.model, "--dense", input.dense, "--out",
                                        output[0]],
-    threads: workflow.cores  # alone on the machine while it times
+    threads: all_cores
     resources:
         gpu=1,
         **resources("bench"),
@@ -61,7 +61,7 @@ rule bench_mpc:
     params:
         config=reads("bench-mpc"),
         argv=lambda w, input, output: ["bench-mpc", "--model", input.model, "--out", output[0]],
-    threads: workflow.cores  # the party processes, alone on the machine while they time
+    threads: all_cores
     resources:
         **resources("bench"),
     conda:
@@ -83,7 +83,7 @@ rule cost_table:
         config=reads("cost-table"),
         argv=lambda w, output: ["cost-table", "--target", w.target, "--granularity", w.granularity, "--out",
                                 output[0]],
-    threads: lambda w: 1 if w.target == "mpc" else workflow.cores  # measured tables time alone
+    threads: lambda w: 1 if w.target == "mpc" else all_cores(w)  # measured tables time alone
     resources:
         gpu=lambda w: int(w.target == "gpu"),
         **resources("bench"),
