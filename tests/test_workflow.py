@@ -21,7 +21,7 @@ def _snakemake(*args, cwd=ROOT):
 
 def planned(*args) -> dict[str, int]:
     """{rule: job count} of a dry-run (empty when nothing is to be done)."""
-    run = _snakemake("-n", "--quiet", "rules", *args)
+    run = _snakemake(*args, "-n", "--quiet", "rules")
     assert run.returncode == 0, run.stdout + run.stderr
     counts = {}
     for line in (run.stdout + run.stderr).splitlines():
