@@ -1,17 +1,39 @@
-"""The summary table: one row per grid cell, built from the files of that cell."""
+"""The result tables: one row per (grid cell, seed) built from the files of that cell (``cell_row``,
+``summarize``), the per-cell aggregate over seeds with 95 % intervals (``aggregate``), and the README table
+rendered from that aggregate (``table``). The figures are in ``figures``."""
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
+import os
+import platform
+import re
+import subprocess
 from pathlib import Path
 
 import pandas as pd
 
 from .checkpoint import load, load_model, read_json, write_json
+from .config import ConfigError
 from .counting import profile
+from .stats import t_interval, wilson
 
-COLUMNS = ["method", "granularity", "keep_ratio", "top1", "params", "macs", "nonlinear_units", "nonlinear_layers",
-           "relu_elements", "relu6_elements", "merge_max_abs_err", "cpu_latency_ms", "gpu_throughput_img_s",
-           "mpc_latency_s", "mpc_comm_mb", "mpc_rounds", "checkpoint"]
+CELL = ["method", "granularity", "keep_ratio"]
+COLUMNS = [*CELL, "seed", "top1", "params", "macs", "nonlinear_units", "nonlinear_layers", "relu_elements",
+           "relu6_elements", "merge_max_abs_err", "cpu_latency_ms", "gpu_throughput_img_s", "mpc_latency_s",
+           "mpc_comm_mb", "mpc_rounds", "checkpoint"]
+# Counts that two stages may both report (the merge report, the MPC benchmark): they must agree.
+SHARED_COUNTS = ("params", "macs", "nonlinear_units", "nonlinear_layers", "relu_elements", "relu6_elements",
+                 "input_size")
+SAME = {"mpc_input_size": "input_size"}  # one figure under two names
+# The cost model's predicted ``model_<name>`` is checked against the measured ``mpc_<name>`` and these.
+PREDICTED_AS = {"relu": "relu_elements", "relu6": "relu6_elements", "macs": "macs", "act_layers": "nonlinear_layers"}
+
+
+class CountMismatch(ConfigError):
+    """Two stages of one cell report different numbers for the same count (DESIGN "One set of counts"); a
+    ConfigError, so the CLI stops with its one-line message."""
 
 
 def profile_cell(model_path: str | Path, method: str, granularity: str, keep_ratio: float, image_size: int,
@@ -26,126 +48,256 @@ def profile_cell(model_path: str | Path, method: str, granularity: str, keep_rat
     return row
 
 
+def _check_counts(row: dict, parts: list[tuple[str, dict]], cell: str) -> None:
+    """Raise CountMismatch (one line, naming ``cell`` and the figure) where the parts or the cost model
+    disagree on a count; preprocessing figures only where a dealer ran (``mpc_private``)."""
+    seen: dict[str, tuple[str, object]] = {}
+    for name, part in parts:
+        for key, value in part.items():
+            key = SAME.get(key, key)
+            if key not in SHARED_COUNTS:
+                continue
+            if key in seen and value != seen[key][1]:
+                raise CountMismatch(f"{cell}: {key} is {seen[key][1]} in {seen[key][0]} but {value} in {name}")
+            seen.setdefault(key, (name, value))
+    for key, predicted in row.items():
+        if not key.startswith("model_") or predicted is None:
+            continue
+        name = key.removeprefix("model_")
+        if name.startswith("preproc") and row.get("mpc_private") is False:
+            continue  # no dealer (CrypTen's TFP): only the online figures are measured
+        for measured in (f"mpc_{name}", PREDICTED_AS.get(name)):
+            if measured in row and row[measured] is not None and row[measured] != predicted:
+                raise CountMismatch(f"{cell}: {measured} is {row[measured]} but the cost model predicts "
+                                    f"{key} = {predicted}")
+
+
 def cell_row(method: str, granularity: str, keep_ratio: float, model: str | Path, parts: list[str | Path],
-             out: str | Path) -> dict:
-    """One cell's row: its name, top-1 from the trained checkpoint's metrics (``model`` with suffix .json),
-    then the JSON dicts of its later stages (merge: the deployed network's counts; benchmarks)."""
-    row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio),
-           "top1": read_json(Path(model).with_suffix(".json"))["top1"], "checkpoint": str(model)}
+             out: str | Path, seed: int | None = None, config_hash: str | None = None) -> dict:
+    """One (cell, seed) row: its name, ``seed`` and ``config_hash`` (of every config section the cell was built
+    from), top-1 (and ``test_images``) from the trained checkpoint's metrics (``model`` with suffix .json), then
+    the JSON dicts of its later stages (merge: the deployed network's counts; benchmarks), without their
+    provenance blocks. Raises CountMismatch when two parts, or the MPC benchmark's measured bytes/rounds (online
+    and preprocessing) and its cost model's prediction, disagree on a count."""
+    metrics_path = Path(model).with_suffix(".json")
+    metrics = read_json(metrics_path)
+    if not isinstance(metrics, dict) or "top1" not in metrics:
+        raise ConfigError(f"{metrics_path}: no 'top1' (not the metrics of a trained model)")
+    row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio), "seed": seed,
+           "config_hash": config_hash, "top1": metrics["top1"],
+           **({"test_images": metrics["test_images"]} if "test_images" in metrics else {}), "checkpoint": str(model)}
+    loaded = []
     for part in parts:
-        row.update(read_json(part))
+        data = read_json(part)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{part}: not a JSON object")
+        data.pop("provenance", None)
+        loaded.append((Path(part).name, data))
+        row.update(data)
+    cell = f"row {method}/{granularity}/{float(keep_ratio):g}" + (f" seed {seed}" if seed is not None else "")
+    _check_counts(row, loaded, cell)
     write_json(out, row)
     return row
 
 
-def summarize(row_files: list[str | Path], out: str | Path) -> pd.DataFrame:
-    """Concatenate the per-cell rows into a CSV with the contract columns first."""
-    table = pd.DataFrame([read_json(f) for f in row_files])
-    for column in COLUMNS:
-        if column not in table:
-            table[column] = pd.NA
-    table = table[COLUMNS + [c for c in table.columns if c not in COLUMNS]]
-    table = table.sort_values(["method", "granularity", "keep_ratio"], kind="stable")
+def _write_csv(table: pd.DataFrame, out: str | Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     table.to_csv(tmp, index=False)
     tmp.replace(out)
+
+
+def summarize(row_files: list[str | Path], out: str | Path) -> pd.DataFrame:
+    """Concatenate the per-(cell, seed) rows into a CSV with the contract columns first, sorted by method,
+    granularity, keep ratio and seed; two rows for the same cell and seed are an error."""
+    table = pd.DataFrame([read_json(f) for f in row_files])
+    for column in COLUMNS:
+        if column not in table:
+            table[column] = pd.NA
+    table = table[COLUMNS + [c for c in table.columns if c not in COLUMNS]]
+    twice = table[table.duplicated([*CELL, "seed"], keep=False)]
+    if not twice.empty:
+        first = twice.iloc[0]
+        raise ConfigError(f"summarize: {len(twice)} rows for cell {first['method']}/{first['granularity']}/"
+                          f"{first['keep_ratio']:g} seed {first['seed']} (one row per cell and seed)")
+    table = table.sort_values([*CELL, "seed"], kind="stable")
+    _write_csv(table, out)
     return table
 
 
-# Published ImageNet rows (Fu et al. 2022, Table: top-1 of the longest schedule, MFLOPs, V100 img/s).
-PUBLISHED = pd.DataFrame([
-    ("MBV2-1.4", "dense", 75.30, 630, 2127), ("MetaPruning-1.0x", "metapruning", 73.20, 332, 3159),
-    ("DS-A", "depthshrinker", 75.65, 519, 3827), ("DS-B", "depthshrinker", 75.13, 502, 4778),
-    ("DS-C", "depthshrinker", 74.91, 492, 4597), ("Uniform-0.65x", "uniform", 67.20, 182, 4004),
-    ("MetaPruning-0.65x", "metapruning", 71.70, 160, 4336), ("DS-D", "depthshrinker", 74.50, 484, 5560),
-    ("DS-E", "depthshrinker", 74.43, 474, 5317), ("Uniform-0.35x", "uniform", 54.60, 68, 6266),
-    ("MetaPruning-0.35x", "metapruning", 64.50, 52, 7044), ("DS-F", "depthshrinker", 70.13, 415, 10804),
-], columns=["name", "method", "top1", "mflops", "v100_img_s"])
+# Aggregated columns: top-1, the counts and every timing/cost (not their IQR/min/max/per-run companions).
+METRIC = re.compile(r"top1|params|macs|nonlinear_units|nonlinear_layers|relu6?_elements|layers_after|merge_max_abs_err"
+                    r"|cpu_latency_ms|cpu_speedup|gpu_throughput_img_s\w*|gpu_speedup\w*|mpc_latency_s|mpc_comm_mb"
+                    r"|mpc_bytes|mpc_rounds|mpc_e2e_s|mpc_est_\w+_s|mpc_preproc_\w+")
+COMPANION = re.compile(r"_iqr|_(min|max|runs)_s$")
+CARRY = ("test_images", "git_revision", "gpu", "cpu_threads")  # per-cell facts, copied (values joined by ';')
 
-COLORS = {"dense": "black", "depthshrinker": "tab:blue", "snl": "tab:orange", "metapruning": "tab:green",
-          "uniform": "tab:purple"}
-MARKERS = {"full": "*", "block": "o", "layer": "p", "channel": "s", "pixel": "D", "element": "X", "width": "v",
-           "mpc": "^", "macs": "<", "params": ">"}
-AXES = [  # (column, label, file, lower is better)
-    ("mpc_latency_s", "two-party (CrypTen) latency per image [s]", "accuracy_vs_mpc_latency.png", True),
-    ("mpc_comm_mb", "two-party communication per image [MB]", "accuracy_vs_mpc_comm.png", True),
-    ("nonlinear_units", "nonlinear (ReLU/ReLU6) elements per image", "accuracy_vs_nonlinear_units.png", True),
-    ("cpu_latency_ms", "CPU latency, batch 1 [ms]", "accuracy_vs_cpu_latency.png", True),
-    ("gpu_throughput_img_s", "GPU throughput, batch 128 [images/s]", "accuracy_vs_gpu_throughput.png", False),
+
+def iqr_column(column: str) -> str:
+    """The name of the interquartile-range column that ``bench``/``mpc`` write next to a timing."""
+    if column.startswith(("gpu_throughput", "gpu_speedup")):
+        return re.sub(r"^gpu_(throughput|speedup)(_img_s)?", r"gpu_\1_iqr", column)
+    return re.sub(r"_(s|ms)$", r"_iqr_\1", column) if re.search(r"_(s|ms)$", column) else f"{column}_iqr"
+
+
+def _interval(column: str, rows: pd.DataFrame, test_images: int | None) -> tuple[float, float]:
+    values = rows[column].dropna().astype(float).tolist()
+    if len(values) >= 2:
+        lo, hi = t_interval(values)
+    elif column == "top1":
+        if not test_images:
+            return float("nan"), float("nan")
+        correct = round(values[0] * test_images / 100)
+        if abs(values[0] * test_images / 100 - correct) > 1e-3:
+            raise ConfigError(f"aggregate: top1 {values[0]} is not a whole number of {test_images} held-out images")
+        lo, hi = (100 * v for v in wilson(correct, test_images))
+    elif iqr_column(column) in rows and rows[iqr_column(column)].notna().any():
+        spread = float(rows[iqr_column(column)].dropna().iloc[0])
+        lo, hi = values[0] - spread / 2, values[0] + spread / 2
+    elif re.search(r"_m?s$", column) and not column.startswith("mpc_est_"):
+        return float("nan"), float("nan")  # a timing without its spread
+    else:
+        lo = hi = values[0]  # counts and the cost model's estimates are exact
+    return max(lo, 0.0), (min(hi, 100.0) if column == "top1" else hi)
+
+
+def _joined(values: pd.Series):
+    unique = list(dict.fromkeys(values.dropna().tolist()))
+    return unique[0] if len(unique) == 1 else ";".join(map(str, unique)) if unique else pd.NA
+
+
+def by_cell(table: pd.DataFrame, test_images: int | None = None) -> pd.DataFrame:
+    """The aggregate of a per-(cell, seed) table: one row per cell; see ``aggregate``."""
+    metrics = [c for c in table.columns if METRIC.fullmatch(c) and not COMPANION.search(c)
+               and pd.api.types.is_numeric_dtype(table[c]) and table[c].notna().any()]
+    out = []
+    for cell, rows in table.groupby(CELL, sort=True, dropna=False):
+        n = len(rows)
+        row = dict(zip(CELL, cell), n=n, seeds=",".join(str(s) for s in sorted(rows["seed"].dropna().astype(int)))
+                   if "seed" in rows else "", interval="t95" if n >= 2 else "wilson95/iqr")
+        row |= {c: _joined(rows[c]) for c in CARRY if c in rows}
+        images = row.get("test_images") if isinstance(row.get("test_images"), (int, float)) else test_images
+        if images:
+            row["test_images"] = images
+        for column in metrics:
+            values = rows[column].dropna().astype(float)
+            lo, hi = _interval(column, rows, images) if len(values) else (float("nan"), float("nan"))
+            row |= {f"{column}_mean": values.mean(), f"{column}_std": values.std(ddof=1) if len(values) > 1
+                    else float("nan"), f"{column}_lo": lo, f"{column}_hi": hi}
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def aggregate(summary: str | Path, out: str | Path, test_images: int | None = None) -> pd.DataFrame:
+    """Stage: ``summary.csv`` (one row per cell and seed) to one row per (method, granularity, keep_ratio).
+
+    Columns: the cell, ``n`` (seeds), ``seeds``, ``interval`` (which one, below), the per-cell facts ``test_images``,
+    ``git_revision``, ``gpu``, ``cpu_threads`` where present, and for top-1 and every count and timing/cost column
+    ``<col>_mean``, ``<col>_std`` (ddof 1; empty with one seed), ``<col>_lo``, ``<col>_hi``. The interval:
+    - n >= 2 seeds (``t95``): Student's t 95 % interval of the mean over seeds;
+    - one seed (``wilson95/iqr``): top-1 gets the Wilson 95 % score interval of the held-out count (needs
+      ``test_images``, from the rows or this argument; otherwise empty); a timing with an IQR column is median
+      ∓ IQR/2 of its repeats (a spread, not a 95 % interval; empty where no IQR is recorded); counts and the
+      cost model's estimates are exact.
+    Bounds are clipped to >= 0 (and top-1 to <= 100)."""
+    table = by_cell(pd.read_csv(summary), test_images)
+    _write_csv(table, out)
+    return table
+
+
+def _git_commit(where: Path) -> str | None:
+    try:
+        run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
+def _value(row: pd.Series, column: str, digits: int, scale: float = 1.0) -> str:
+    """``mean ± half-interval``; top-1 with one seed ``mean (lo–hi)`` (Wilson is asymmetric); a timing with one
+    seed ``median (IQR)``; exact values alone (whole numbers without decimals)."""
+    mean = row.get(f"{column}_mean")
+    if mean is None or pd.isna(mean):
+        return "–"
+    mean, lo, hi = mean * scale, row[f"{column}_lo"] * scale, row[f"{column}_hi"] * scale
+    if pd.isna(lo) or hi - lo <= abs(mean) * 1e-9:
+        return f"{mean:,.{0 if float(mean).is_integer() else digits}f}"
+    text = f"{mean:,.{digits}f}"
+    if row["n"] < 2 and column == "top1":
+        return f"{text} ({lo:.{digits}f}–{hi:.{digits}f})"
+    if row["n"] < 2:
+        return f"{text} ({hi - lo:.{digits}f})"
+    return f"{text} ± {(hi - lo) / 2:.{digits}f}"
+
+
+TABLE = [  # (header, column, digits, scale)
+    ("top-1 %", "top1", 2, 1), ("MMACs", "macs", 1, 1e-6), ("ReLU6 elements", "relu6_elements", 0, 1),
+    ("nonlinear layers", "nonlinear_layers", 1, 1), ("convs", "layers_after", 1, 1),
+    ("CrypTen s", "mpc_latency_s", 2, 1), ("MB", "mpc_comm_mb", 0, 1), ("preproc. MB", "mpc_preproc_mb", 0, 1),
+    ("rounds", "mpc_rounds", 0, 1), ("est. WAN s", "mpc_est_wan_s", 1, 1),
+    ("CPU × dense", "cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
 ]
+START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 
 
-def pareto(points: pd.DataFrame, x: str, lower: bool) -> pd.DataFrame:
-    """The points no other point beats on both ``x`` (lower or higher is better) and top-1."""
-    ordered = points.sort_values([x, "top1"], ascending=[lower, False])
-    return ordered[ordered["top1"] > ordered["top1"].cummax().shift(fill_value=-1.0)]
+def _machine(cells: pd.DataFrame) -> str:
+    """This machine (OS, CPU model and count, torch) and the GPU the results name, for the caption."""
+    gpus = cells["gpu"].dropna().astype(str).unique() if "gpu" in cells else []
+    return (f"{platform.system()} {platform.machine()}, {_cpu_name()}, {os.cpu_count()} CPUs"
+            f"{', GPU ' + ' / '.join(gpus) if len(gpus) else ''}, torch {importlib.metadata.version('torch')}")
 
 
-def _scatter(ax, table: pd.DataFrame, x: str, lower: bool) -> None:
-    for method, points in table.groupby("method"):
-        color = COLORS.get(method, "gray")
-        label = method if method == "dense" else f"{method} (Pareto front)"
-        for granularity, cell in points.groupby("granularity"):
-            dense = method == "dense"
-            ax.scatter(cell[x], cell["top1"], color=color, marker=MARKERS.get(granularity, "x"), s=160 if dense else 48,
-                       alpha=0.85, edgecolor="white", zorder=3 if dense else 2,
-                       label="dense" if dense else f"{method} {granularity}")
-        front = pareto(points, x, lower)
-        if len(front) > 1:
-            ax.plot(front[x], front["top1"], color=color, linewidth=1.2, alpha=0.7, label=label)
-        for _, row in points.iterrows():
-            if method != "dense":
-                ax.annotate(f"{row['keep_ratio']:g}", (row[x], row["top1"]), textcoords="offset points",
-                            xytext=(4, 3), fontsize=7, color=color)
+def render_table(cells: pd.DataFrame, date: str, commit: str | None) -> str:
+    """The Markdown table of an aggregate (columns without values are left out) and its caption."""
+    shown = [spec for spec in TABLE if f"{spec[1]}_mean" in cells and cells[f"{spec[1]}_mean"].notna().any()]
+    lines = ["| cell | n | " + " | ".join(h for h, *_ in shown) + " |", "|---" * (len(shown) + 2) + "|"]
+    for _, row in cells.iterrows():
+        name = f"{row['method']} {row['granularity']} {row['keep_ratio']:g}"
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(_value(row, c, d, s) for _, c, d, s in shown) + " |")
+    seeds = sorted({int(s) for text in cells["seeds"].dropna().astype(str) for s in text.split(",") if s})
+    images = cells["test_images"].dropna() if "test_images" in cells else pd.Series(dtype=float)
+    how = []
+    if (cells["n"] >= 2).any():
+        how.append("n ≥ 2 seeds: mean ± half-width of the 95 % t-interval over seeds")
+    if (cells["n"] < 2).any():
+        how.append("n = 1: top-1 (95 % Wilson interval of the held-out count), timings median (IQR of the repeats)")
+    held_out = f"; {int(images.iloc[0])} held-out images (one is {100 / images.iloc[0]:.2g} % top-1)" if len(images) \
+        else ""
+    caption = (f"*{date}, commit {commit or 'unknown'}, {_machine(cells)}; seeds {', '.join(map(str, seeds)) or 'n/a'}"
+               f"{held_out}; " + "; ".join(how) + ".*")
+    return "\n".join(lines) + "\n\n" + caption + "\n"
 
 
-def plots(summary: str | Path, out: str | Path, config: dict | None = None) -> list[Path]:
-    """PNG plots of top-1 against each cost in ``summary`` (skipping costs with no values), Pareto front per
-    method, keep ratios (widths, matched keeps) annotated; with the ImageNet config, the paper's published
-    points on a separate, labelled panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = pd.read_csv(summary)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = (config or {}).get("data", {}).get("dataset", "")
-    written = []
-    for column, label, name, lower in AXES:
-        points = table.dropna(subset=[column, "top1"]) if column in table else table.iloc[:0]
-        if points.empty:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-        _scatter(ax, points, column, lower)
-        ax.set_xlabel(label)
-        ax.set_ylabel("top-1 accuracy [%] (measured)")
-        ax.set_title(f"{dataset or 'dataset'}: top-1 vs {label.split(' [')[0]}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        written.append(out / name)
-    if dataset == "imagenet":
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-        for method, points in PUBLISHED.groupby("method"):
-            color = COLORS[method]
-            ax.scatter(points["v100_img_s"], points["top1"], edgecolor=color, marker="o", facecolor="none", s=60,
-                       label=f"{method} (published, Fu et al. 2022)")
-            for _, row in points.iterrows():
-                ax.annotate(row["name"], (row["v100_img_s"], row["top1"]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.set_xlabel("V100 throughput, batch 128 [images/s] (published)")
-        ax.set_ylabel("ImageNet top-1 [%] (published)")
-        ax.set_title("Published points (not measured here)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(out / "published_imagenet.png")
-        plt.close(fig)
-        written.append(out / "published_imagenet.png")
-    return written
+def table(by_cell_csv: str | Path, readme: str | Path | None = None, out: str | Path | None = None) -> str:
+    """Stage: render ``summary_by_cell.csv`` as a Markdown table with a caption naming the date (of the CSV),
+    commit (the results' ``git_revision``, else ``git rev-parse`` here), machine, seeds and the intervals; write
+    it to ``out`` and/or replace the block between ``<!-- results-table:start -->`` and
+    ``<!-- results-table:end -->`` in ``readme``. Returns the Markdown."""
+    if readme is None and out is None:
+        raise ConfigError("table: give --readme and/or --out")
+    path = Path(by_cell_csv)
+    cells = pd.read_csv(path)
+    date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d")
+    revisions = cells["git_revision"].dropna().astype(str).unique() if "git_revision" in cells else []
+    commit = ", ".join(r[:7] for r in revisions) or _git_commit(path.resolve().parent)
+    text = render_table(cells, date, commit)
+    if out is not None:
+        Path(out).write_text(text)
+    if readme is not None:
+        readme = Path(readme)
+        old = readme.read_text()
+        if old.count(START) != 1 or old.count(END) != 1 or old.index(START) > old.index(END):
+            raise ConfigError(f"table: {readme} needs one '{START}' line followed by one '{END}' line")
+        head, rest = old.split(START)
+        readme.write_text(f"{head}{START}\n{text}{END}{rest.split(END, 1)[1]}")
+    return text

@@ -54,12 +54,12 @@ rule aggregate:
     input:
         f"{RESULTS}/summary.csv",
     output:
-        report(f"{RESULTS}/summary_by_cell.csv", caption="../report/summary.rst", category="Summary"),
+        report(f"{RESULTS}/summary_by_cell.csv", caption="../report/summary_by_cell.rst", category="Summary"),
     log:
         f"{RESULTS}/logs/aggregate.log",
     params:
         config=reads("aggregate"),
-        argv=lambda w, input, output: ["aggregate", input[0], "--out", output[0]],
+        argv=lambda w, input, output: ["aggregate", "--summary", input[0], "--out", output[0]],
     resources:
         **resources("light"),
     conda:
@@ -71,11 +71,10 @@ rule aggregate:
 rule plots:
     input:
         summary=f"{RESULTS}/summary.csv",
-        by_cell=f"{RESULTS}/summary_by_cell.csv",
     output:
         report(
             directory(f"{RESULTS}/plots"),
-            patterns=["{name}.png"],
+            patterns=["{name}.png", "{name}.pdf"],
             caption="../report/plots.rst",
             category="Plots",
         ),
