@@ -1,12 +1,19 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from depthshrinker.config import load_config
 from depthshrinker.models import create_model
 
 TEST_CONFIG = Path(__file__).resolve().parents[1] / "config" / "test.yaml"
+
+# Property tests: reproducible in CI (derandomized: the same examples every run), exploring locally.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(autouse=True)

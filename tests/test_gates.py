@@ -1,10 +1,20 @@
-"""The DepthShrinker top-k gate: exact keep ratio, straight-through gradients, exact forward."""
+"""The DepthShrinker top-k gate: exact keep ratio, straight-through gradients, exact forward; the stage-2 form
+with its merge plan (pad-first only where the plan merges)."""
+import json
+
 import torch
 from hypothesis import given, settings, strategies as st
+from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
-from depthshrinker.gates import GatedAct, TopKGates, apply_keep, install_topk_gates, keep_from_scores, num_kept
-from depthshrinker.models import activation_units
+from depthshrinker.checkpoint import build
+from depthshrinker.counting import macs
+from depthshrinker.gates import (GatedAct, TopKGates, apply_keep, apply_mask_spec, install_topk_gates,
+                                 keep_from_scores, num_kept)
+from depthshrinker.merge import merge_plain
+from depthshrinker.models import activation_units, create_model
+from depthshrinker.mpc.cost import count
+from depthshrinker.plain import to_plain
 
 
 @given(L=st.integers(1, 60), ratio=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
@@ -56,3 +66,66 @@ def test_apply_keep_removes_activations_and_counts(mbv2):
     for path in units[3].acts:
         assert isinstance(mbv2.get_submodule(path), nn.Identity)
     assert isinstance(mbv2.get_submodule(units[4].acts[0]), nn.ReLU6)
+
+
+def _expansion_units(model, units):
+    return [u.acts[0].endswith("bn1.act") and isinstance(model.get_submodule(u.block), InvertedResidual)
+            if u.block else False for u in units]
+
+
+def test_pad_first_only_where_the_plan_merges(mbv2):
+    """Removing the 16 expansion ReLU6s (layer granularity) leaves every run pw -> dw(ReLU6) unmerged under the
+    MACs policy (a dense 3x3 costs ~9x), so no block goes pad-first and the deployed network has exactly the dense
+    MACs (pad-first everywhere made it 1.50x: 16 1x1 convs on padded maps, merged into dense 3x3s). Removing a
+    whole block merges it, in pad-first form."""
+    dense = macs(to_plain(mbv2), 32)
+    units = activation_units(mbv2, "layer")
+    expansion = _expansion_units(mbv2, units)
+    assert sum(expansion) == 16
+    apply_keep(mbv2, units, [int(not e) for e in expansion])
+    irs = [m for m in mbv2.modules() if isinstance(m, InvertedResidual)]
+    assert all(tuple(m.conv_pw.padding) == (0, 0) and tuple(m.conv_dw.padding) == (1, 1) for m in irs)
+    assert not any(b["pad_first"] for b in mbv2.merge_plan["blocks"])
+    assert macs(merge_plain(to_plain(mbv2)), 32) == dense
+    model = create_model("mobilenetv2_100", 10, small_input=True).eval()
+    apply_keep(model, activation_units(model, "block"), [int(i != 3) for i in range(19)])
+    assert tuple(model.blocks[1][1].conv_pw.padding) == (1, 1) and tuple(model.blocks[1][1].conv_dw.padding) == (0, 0)
+    assert sum(b["pad_first"] for b in model.merge_plan["blocks"]) == 1
+
+
+def test_mpc_policy_merges_expansion_into_depthwise_in_pad_first_form(mbv2):
+    """Only block 2's expansion ReLU6 removed: under MPC one dense 3x3 16->96 at 32x32 opens the 16-channel input
+    instead of it and the 96-channel expanded map (1.39 MB less, one round less), so it merges, pad-first; the
+    MACs policy keeps it unmerged."""
+    units = activation_units(mbv2, "layer")
+    keep = [int(u.acts[0] != "blocks.1.0.bn1.act") for u in units]
+    policy = {"name": "mpc", "input_size": 32, "network": "lan"}
+    apply_keep(mbv2, units, keep, policy=policy)
+    assert mbv2.merge_plan["blocks"][2]["segments"] == [[0, 1], [2]] and mbv2.merge_plan["blocks"][2]["pad_first"]
+    assert tuple(mbv2.blocks[1][0].conv_pw.padding) == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    merged = merge_plain(to_plain(mbv2))
+    with torch.no_grad():
+        assert (merged(x) - mbv2(x)).abs().max() <= 1e-4 * (1 + mbv2(x).abs().max())
+    macs_model = create_model("mobilenetv2_100", 10, small_input=True).eval()
+    apply_keep(macs_model, activation_units(macs_model, "layer"), keep)
+    assert macs_model.merge_plan["blocks"][2]["segments"] == [[0], [1], [2]]
+    assert tuple(macs_model.blocks[1][0].conv_pw.padding) == (0, 0)
+    mpc, unmerged = (count(merge_plain(to_plain(m)), 32) for m in (mbv2, macs_model))
+    assert (unmerged.bytes - mpc.bytes, unmerged.rounds - mpc.rounds) == (1_390_080, 1)
+
+
+def test_apply_mask_spec_records_the_plan_and_a_checkpoint_rebuilds_it(mbv2):
+    """The plan decided in finetuning is written into the mask spec; rebuilding the checkpoint reuses it (no
+    policy needed, none re-decided), so the trained form and the merged form cannot drift apart."""
+    units = activation_units(mbv2, "layer")
+    keep = [int(u.acts[0] != "blocks.1.0.bn1.act") for u in units]
+    mask = {"granularity": "layer", "keep": keep, "free_act": "none"}
+    apply_mask_spec(mbv2, mask, {"name": "mpc", "input_size": 32, "network": "lan"})
+    recorded = json.loads(json.dumps(mask))
+    assert recorded["merge_plan"] == mbv2.merge_plan
+    rebuilt = build({"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True,
+                     "mask": recorded})
+    assert rebuilt.merge_plan == mbv2.merge_plan
+    assert tuple(rebuilt.blocks[1][0].conv_pw.padding) == (1, 1)
+    assert to_plain(rebuilt).spec["merge_plan"]["policy"]["name"] == "mpc"

@@ -7,14 +7,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from depthshrinker import checkpoint
-from depthshrinker.config import ConfigError
+from depthshrinker.config import ConfigError, validate
 from depthshrinker.counting import macs
-from depthshrinker.gates import apply_keep
+from depthshrinker.data import build_datasets
+from depthshrinker.gates import apply_keep, apply_mask_spec
 from depthshrinker.merge import (PATTERNS, Conv, candidate_segments, compose, conv_layers, export_onnx,
                                  merge_checkpoint, merge_pattern, merge_plain, onnx_max_abs_err)
 from depthshrinker.models import activation_units, create_model, offline_weights_path
+from depthshrinker.mpc import cost as mpc_cost
 from depthshrinker.plain import PlainNet, to_plain
+from depthshrinker.plan import merge_policy, plan_merges
 
+# Reproducible property tests in CI (derandomized: the same examples on every run), exploring locally.
+# (Belongs in tests/conftest.py once the lead moves it there; loaded here so this file runs alone.)
 
 def assert_close(out, ref):
     """The merge tolerance: max abs diff <= 1e-4 * (1 + max |ref|), float32."""
@@ -49,6 +54,15 @@ def blocks(draw):
     return {"convs": convs, "residual": residual, "free_act": draw(st.sampled_from(["none", "relu6"]))}
 
 
+def min_input_size(convs):
+    """The smallest input side on which every conv of the chain sees at least its kernel (so yields >= 1 pixel):
+    backwards from one output pixel, ``h_in = (h_out − 1)·s + k − 2p``."""
+    side = 1
+    for c in reversed(convs):
+        side = max(1, (side - 1) * c["stride"] + c["kernel"] - 2 * c["padding"])
+    return side
+
+
 def random_plain(block_specs, seed):
     """A PlainNet stem -> blocks -> head with random weights and biases (what BN folding of random stats gives)."""
     stem = {"convs": [conv(3, block_specs[0]["convs"][0]["in"], 3, p=1, act="relu6")]}
@@ -72,16 +86,20 @@ def chain_of(first, rest):
     return chain
 
 
-@given(first=blocks(), rest=st.lists(blocks(), max_size=2), seed=st.integers(0, 2**16), merge_all=st.booleans())
+@given(first=blocks(), rest=st.lists(blocks(), max_size=2), seed=st.integers(0, 2**16), merge_all=st.booleans(),
+       margin=st.integers(0, 6))
 @settings(max_examples=60, deadline=None)
-def test_merged_equals_unmerged_on_random_blocks(first, rest, seed, merge_all):
+def test_merged_equals_unmerged_on_random_blocks(first, rest, seed, merge_all, margin):
+    """Any valid chain: the input side is derived from the generated kernels, strides and paddings (the smallest
+    that every conv fits, plus a random margin), so no example is an invalid network."""
     net = random_plain(chain_of(first, rest), seed)
+    size = min_input_size([c for block in net.spec["blocks"] for c in block["convs"]]) + margin
     if merge_all:  # a latency table in which every merge is free: exercises every composition
         spans = {key: key.split(":")[1].split("-") for key in candidate_segments(net)}
         merged = merge_plain(net, "latency", {key: float(int(e) - int(s) == 1) for key, (s, e) in spans.items()})
     else:
         merged = merge_plain(net)
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     assert_close(merged(x), net(x))
     assert conv_layers(merged) <= conv_layers(net)
     rebuilt = checkpoint.build(json.loads(json.dumps(merged.spec)))
@@ -112,11 +130,18 @@ def test_compose_equals_the_two_convolutions(k1, s1, k2, s2, groups, seed):
 
 
 def test_expansion_before_padded_depthwise_is_refused(mbv2):
-    """A linear IR block NOT in pad-first form would merge wrongly at the borders: a clear error naming it."""
+    """A linear IR block NOT in pad-first form would merge wrongly at the borders: a plan made on the network
+    leaves it unmerged (only exact merges are candidates), and a plan that merges it anyway is refused with a
+    clear error naming the block."""
     for path in ("blocks.1.0.bn1.act", "blocks.1.0.bn2.act"):
         mbv2.set_submodule(path, torch.nn.Identity())
+    net = to_plain(mbv2)
+    assert merge_plain(net).spec["blocks"][2]["merged_from"] == [[0], [1], [2]]
+    net.spec["merge_plan"] = plan_merges(net, "macs", pad_first=True)
+    assert net.spec["merge_plan"]["blocks"][2] | {"decisions": None} == {
+        "segments": [[0, 1, 2]], "pad_first": True, "decisions": None}
     with pytest.raises(ConfigError, match="block 2: .*pad-first"):
-        merge_plain(to_plain(mbv2))
+        merge_plain(net)
 
 
 def test_policy_and_latency_table_errors(mbv2):
@@ -127,6 +152,24 @@ def test_policy_and_latency_table_errors(mbv2):
         merge_plain(net, "latency")
     with pytest.raises(ConfigError, match="no entry '2:0-1'"):
         merge_plain(net, "latency", {})
+
+
+def test_measured_policies_time_the_candidate_segments(mbv2):
+    """``cpu`` times every exact segment of each run (as one conv, batch 1) and picks the fastest split; the
+    plan keeps the policy; a policy without what it is costed at, or ``gpu`` without CUDA, is a clear error."""
+    policy = {"name": "cpu", "input_size": 16}
+    apply_keep(mbv2, activation_units(mbv2), [1, 1, 0] + [1] * 16, policy=policy)
+    assert mbv2.merge_plan["policy"] == policy
+    (decision,) = mbv2.merge_plan["blocks"][2]["decisions"]
+    assert 0 < decision["cost_chosen"] <= decision["cost_unmerged"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(merge_plain(to_plain(mbv2))(x), mbv2(x))
+    with pytest.raises(ConfigError, match="policy 'mpc' needs input_size, network"):
+        plan_merges(to_plain(mbv2), "mpc")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'gpu' needs a CUDA device"):
+            plan_merges(to_plain(mbv2), {"name": "gpu", "input_size": 16, "batch": 2})
 
 
 def test_layer_granularity_merges_only_where_macs_drop(mbv2):
@@ -179,6 +222,7 @@ def random_bn_stats(model, seed):
        bits=st.integers(0, 2**35 - 1), free_act=st.sampled_from(["none", "relu6"]), seed=st.integers(0, 2**16))
 @settings(max_examples=8, deadline=None)
 def test_timm_backbones_with_random_masks_and_bn_stats_merge_exactly(arch, granularity, bits, free_act, seed):
+    torch.manual_seed(seed)  # the weights follow the example, so a failure replays
     model = create_model(arch, 10, small_input=True)
     random_bn_stats(model, seed)
     units = activation_units(model, granularity)
@@ -192,15 +236,20 @@ def test_timm_backbones_with_random_masks_and_bn_stats_merge_exactly(arch, granu
 
 def test_merge_checkpoint_round_trip_and_onnx(tmp_path, mbv2):
     keep = PATTERNS["D"]
-    apply_keep(mbv2, activation_units(mbv2), keep)
-    spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True,
-            "mask": {"granularity": "block", "keep": keep, "free_act": "none"}}
+    mask = {"granularity": "block", "keep": keep, "free_act": "none"}
+    apply_mask_spec(mbv2, mask)
+    spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True, "mask": mask}
     checkpoint.save(tmp_path / "ft.pt", mbv2, spec)
-    report = merge_checkpoint(tmp_path / "ft.pt", tmp_path / "merged.pt", 32)
+    config = validate({"data": {"image_size": 32}})
+    report = merge_checkpoint(tmp_path / "ft.pt", tmp_path / "merged.pt", config)
     json.dumps(report)
-    assert report["merge_max_abs_err"] <= 1e-4 * (1 + report["max_abs_logit"])
+    # float32 against the timm model on real digits: rounding grows through the 10 linearized random-init
+    # blocks (3e-3 on logits of 17, 8e-5 on the features); ignoring the padding trap errs by 0.2 (docs/merge.md)
+    assert report["merge_max_abs_err"] <= 1e-3 * (1 + report["max_abs_logit"])
+    assert report["merge_feature_rel_err"] <= 5e-4
     assert report["layers_after"] == report["layers_before"] - 2 * 10 == 32
     assert report["macs"] < report["macs_unmerged"] and report["params"] < report["params_unmerged"]
+    assert report["merge_policy"] == "macs" and report["merge_plan"]["plan"][2] == [[0, 1, 2]]
     raw = torch.load(tmp_path / "merged.pt", weights_only=True)
     assert json.loads(raw["spec"])["kind"] == "plain"
     merged, _ = checkpoint.load_model(tmp_path / "merged.pt")
@@ -209,6 +258,55 @@ def test_merge_checkpoint_round_trip_and_onnx(tmp_path, mbv2):
         assert_close(merged(x), mbv2(x))
         onnx_path = export_onnx(merged, tmp_path / "merged.onnx", 32)
         assert onnx_max_abs_err(merged, onnx_path, 32) <= 1e-4 * (1 + merged(x).abs().max())
+
+
+def test_merge_error_is_measured_on_held_out_images(tmp_path, mbv2, monkeypatch):
+    """The check runs on the first images of the test split, and reports the features' relative error, which
+    sees a wrong merge that the logits may hide."""
+    import depthshrinker.merge as merge_module
+
+    config = validate({"data": {"image_size": 32}})
+    test = build_datasets(config["data"], config["seed"]).test
+    used = []
+    real = merge_module.held_out_images
+    monkeypatch.setattr(merge_module, "held_out_images", lambda *args: used.append(real(*args)) or used[-1])
+    mask = {"granularity": "block", "keep": PATTERNS["E"], "free_act": "none"}
+    apply_mask_spec(mbv2, mask)
+    checkpoint.save(tmp_path / "ft.pt", mbv2, {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10,
+                                               "small_input": True, "mask": mask})
+    report = merge_checkpoint(tmp_path / "ft.pt", tmp_path / "merged.pt", config, samples=5)
+    assert report["check_images"] == 5 and report["check_split"] == "test"
+    assert torch.equal(used[0], torch.stack([test[i][0] for i in range(5)]))
+    assert 0 < report["merge_feature_rel_err"] <= 5e-4
+
+
+def test_mpc_policy_merges_the_depthwise_separable_block_and_the_plan_is_decided_once(tmp_path, mbv2):
+    """Unit 1 (dw 3x3 32 -> pw 32->16) removed: one dense 3x3 costs 5.8x the MACs, so ``macs`` keeps two convs,
+    but fewer MPC bytes and one round less, so the MPC-aware cell merges it. Finetuning records the plan in the
+    checkpoint; the merge stage uses it even under a config with another policy."""
+    keep = [1, 0] + [1] * 17
+    plans = {}
+    for target in ("none", "mpc"):
+        config = validate({"data": {"image_size": 32}, "stages": {"search": {"latency_target": target}}})
+        model = create_model("mobilenetv2_100", 10, small_input=True).eval()
+        mask = {"granularity": "block", "keep": keep, "free_act": "none"}
+        apply_mask_spec(model, mask, merge_policy(config))
+        plans[target] = mask["merge_plan"]
+        spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True, "mask": mask}
+        checkpoint.save(tmp_path / f"{target}.pt", model, json.loads(json.dumps(spec)))
+    assert plans["none"]["blocks"][1]["segments"] == [[0], [1]]
+    assert plans["mpc"]["blocks"][1]["segments"] == [[0, 1]]
+    assert plans["mpc"]["policy"] == {"name": "mpc", "input_size": 32, "network": "lan"}
+    (decision,) = plans["mpc"]["blocks"][1]["decisions"]
+    assert decision["cost_chosen"] < decision["cost_unmerged"]
+    other = validate({"data": {"image_size": 32}})  # policy macs: the recorded mpc plan still wins
+    report = merge_checkpoint(tmp_path / "mpc.pt", tmp_path / "merged.pt", other, samples=2)
+    assert report["merge_policy"] == "mpc" and report["merge_plan"]["plan"][1] == [[0, 1]]
+    assert report["merge_plan"]["policy"] == plans["mpc"]["policy"]
+    assert report["merge_max_abs_err"] <= 1e-3 * (1 + report["max_abs_logit"])
+    dense = mpc_cost.count(to_plain(mbv2), 32)
+    merged = mpc_cost.count(checkpoint.load_model(tmp_path / "merged.pt")[0], 32)
+    assert (dense.bytes - merged.bytes, dense.rounds - merged.rounds) == (30_872_064, 10)
 
 
 def photos():
@@ -285,7 +383,8 @@ def test_merged_spec_records_decisions():
     model = create_model("mobilenetv2_100", 10, small_input=True).eval()
     apply_keep(model, activation_units(model), keep)
     spec = merge_plain(to_plain(model)).spec
-    assert spec["merge"] == {"policy": "macs"}
+    assert spec["merge"] == {"policy": {"name": "macs"}, "plan": [b["merged_from"] for b in spec["blocks"]]}
+    assert "merge_plan" not in spec
     merged = [i for i, b in enumerate(spec["blocks"]) if b["merged_from"] == [[0, 1, 2]]]
     assert merged == [i for i in range(2, 18) if not keep[i]]
     assert all(len(b["merged_from"]) == len(b["convs"]) for b in spec["blocks"])

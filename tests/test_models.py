@@ -1,11 +1,16 @@
-"""Backbones and their activation units."""
+"""Backbones, their activation units, and one set of counts (counting == cost model == CrypTen)."""
+import importlib.util
+
 import pytest
 import torch
 
 from depthshrinker.config import ConfigError
-from depthshrinker.counting import profile
-from depthshrinker.gates import apply_keep
+from depthshrinker.counting import nonlinear, profile
+from depthshrinker.gates import activation_shapes, apply_keep, apply_masks, num_kept
+from depthshrinker.merge import candidate_segments, conv_layers, merge_plain
 from depthshrinker.models import activation_units, create_model, offline_weights_path
+from depthshrinker.mpc.cost import count
+from depthshrinker.plain import to_plain
 
 
 @pytest.mark.parametrize("arch,block,layer", [("mobilenetv2_100", 19, 35), ("mobilenetv2_140", 19, 35),
@@ -67,3 +72,66 @@ def test_offline_imagenet_weights_classify_a_real_photo():
     img = torch.nn.functional.interpolate(img, size=224, mode="bilinear", antialias=True)
     img = (img - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     assert 281 <= model(img).argmax().item() <= 285  # ImageNet's domestic cats
+
+
+def pixel_masked(size, keep_ratio, seed=0):
+    """MobileNetV2-1.0 with SNL pixel masks (1x1xHxW) keeping round(keep_ratio·H·W) random pixels per layer: a
+    layer of H·W = 1 keeps none at 0.4."""
+    model = create_model("mobilenetv2_100", 10, small_input=True).eval()
+    paths = [p for u in activation_units(model, "layer") for p in u.acts]
+    shapes, gen, masks = activation_shapes(model, paths, size), torch.Generator().manual_seed(seed), {}
+    for path in paths:
+        _, h, w = shapes[path]
+        mask = torch.zeros(h * w)
+        mask[torch.randperm(h * w, generator=gen)[:num_kept(keep_ratio, h * w)]] = 1
+        masks[path] = mask.view(1, 1, h, w)
+    return apply_masks(model, masks)
+
+
+def one_count(model, size):
+    """(nonlinear layers, ReLU6 elements, cost-model rounds, bytes) of the deployed (BN-folded, merged) form;
+    ``counting`` on the trained model, on the plain net and on the merged net must agree."""
+    net = to_plain(model)
+    merged = merge_plain(net, {"name": "mpc", "input_size": size, "network": "lan"})
+    counts = [nonlinear(m, size) for m in (model, net, merged)]
+    assert all((c["nonlinear_layers"], c["relu6_elements"]) == (counts[0]["nonlinear_layers"],
+                                                                counts[0]["relu6_elements"]) for c in counts)
+    c = count(merged, size)
+    assert (c.act_layers, c.relu6) == (counts[0]["nonlinear_layers"], counts[0]["relu6_elements"])
+    return counts[0]["nonlinear_layers"], counts[0]["relu6_elements"], c.rounds, c.bytes, merged
+
+
+def test_empty_snl_layers_are_linear_everywhere():
+    """SNL pixel keep 0.4 at 16x16: the 8 layers at 1x1 keep nothing. They become ``act: none`` in the plain
+    network, so counting, the cost model (no 9 rounds for them) and merging agree: 27 nonlinear layers (the
+    cost model charged 35 layers, 369 rounds, before). The emptied layers make linear runs that the plan
+    considers; at 1x1 a merged dense 3x3 opens more weights than it saves, so MPC keeps them apart, and a plan
+    that merges every exact run is exact and saves one round per merged conv."""
+    model = pixel_masked(16, 0.4)
+    net = to_plain(model)
+    linear = [c for b in net.spec["blocks"] for c in b["convs"] if c["act"] == "none"]
+    assert len(linear) == 17 + 8  # the 17 projections (never an activation) and the 8 emptied layers
+    assert not any("mask" in c for c in linear)
+    layers, _, rounds, _, merged = one_count(model, 16)
+    assert layers == 27 and count(net, 16).rounds == 9 * 27 + 52 + 2 == 297
+    runs = [d for b in merged.spec["blocks"] for d in b["decisions"]]
+    assert len(runs) == 4 and rounds == 297 and all(d["cost_chosen"] == d["cost_unmerged"] for d in runs)
+    table = {k: 1.0 if k.split(":")[1] in ("0-1", "1-2", "2-3") else 0.5 for k in candidate_segments(net)}
+    forced = merge_plain(net, "latency", table)
+    merged_away = conv_layers(net) - conv_layers(forced)
+    assert merged_away == 4 and count(forced, 16).rounds == 297 - merged_away
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (forced(x) - model(x)).abs().max() <= 1e-4 * (1 + model(x).abs().max())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("crypten") is None, reason="CrypTen not installed")
+def test_empty_snl_layers_cost_nothing_under_crypten():
+    """At 8x8 the same masks empty more layers; CrypTen's measured bytes and rounds equal the one count."""
+    from depthshrinker.mpc import measure
+
+    model = pixel_masked(8, 0.4)
+    layers, _, rounds, bytes_, merged = one_count(model, 8)
+    assert layers < 27
+    measured = measure(merged, 8, runs=1, warmup=0)
+    assert (measured["mpc_bytes"], measured["mpc_rounds"]) == (bytes_, rounds)

@@ -12,15 +12,14 @@ has no padding of its own: a 1x1 with bias before a padded kxk must be in pad-fi
 padding, see ``models.set_pad_first``), otherwise the merge is refused. A block that becomes one stride-1
 convolution with ``in == out`` absorbs its residual: ``W[o, o, p, p] += 1`` at the kernel centre.
 
-Which runs merge is a policy: ``macs`` merges a (part of a) run only where it lowers the multiply-accumulates
-per pixel (borders ignored), ``latency`` where a measured table (``segment_key`` -> seconds, keys listed by
-``candidate_segments``) says it is faster. The choice is a shortest path over the run's split points.
+Which runs merge is the network's merge plan (``plan.plan_merges``): the one recorded with the network when its
+keep-list was applied (``gates.apply_keep``, under the deploy target's ``plan.merge_policy``), else one made
+here under the given policy, among the segments that merge exactly as the network stands.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,14 @@ from torch import nn
 from . import checkpoint
 from .config import ConfigError
 from .counting import profile
+from .data import build_datasets
 from .gates import apply_keep
 from .models import activation_units, create_model
 from .plain import PlainNet, to_plain
+from .plan import candidate_segments, composed_spec, merge_policy, plan_merges
 
-POLICIES = ("macs", "latency")
+__all__ = ["PATTERNS", "Conv", "candidate_segments", "compose", "conv_layers", "export_onnx", "fold_residual",
+           "head_input", "held_out_images", "merge_checkpoint", "merge_pattern", "merge_plain", "onnx_max_abs_err"]
 
 # Upstream MobileNetV2-1.4 keep-lists (19 block units, 1 = keep the activation); F keeps the stem and head only.
 PATTERNS: dict[str, list[int]] = {
@@ -55,14 +57,6 @@ class Conv:
     spec: dict
     weight: torch.Tensor
     bias: torch.Tensor
-
-
-def composed_spec(a: dict, b: dict) -> dict:
-    """Spec of conv ``a`` followed by conv ``b`` as one convolution; ``padding`` None when not exact."""
-    groups = a["groups"] if a["groups"] in (1, b["groups"]) else 1
-    return {"in": a["in"], "out": b["out"], "kernel": a["kernel"] + (b["kernel"] - 1) * a["stride"],
-            "stride": a["stride"] * b["stride"], "padding": None if b["padding"] else a["padding"],
-            "groups": groups, "act": b["act"], **({"mask": b["mask"]} if "mask" in b else {})}
 
 
 def _ungroup(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,83 +93,30 @@ def fold_residual(conv: Conv) -> bool:
     return True
 
 
-def linear_runs(convs: list[dict]) -> list[tuple[int, int]]:
-    """Maximal runs [start, stop) of a block's convs with no activation between them (length >= 2)."""
-    runs, start = [], 0
-    for j, c in enumerate(convs):
-        if c["act"] != "none" or j == len(convs) - 1:
-            if j > start:
-                runs.append((start, j + 1))
-            start = j + 1
-    return runs
-
-
-def segment_key(block: int, start: int, stop: int) -> str:
-    """Key of the convs [start, stop) of a block in a latency table."""
-    return f"{block}:{start}-{stop}"
-
-
-def _stride(convs: list[dict]) -> int:
-    return math.prod(c["stride"] for c in convs)
-
-
-def candidate_segments(net: PlainNet) -> dict[str, dict]:
-    """Every segment the policies may compare (single convs included), as ``segment_key`` -> merged spec with
-    ``stride_in``, the stride from the block input to the segment input: what a latency table must time."""
-    return {segment_key(i, s, e): {**functools.reduce(composed_spec, convs[s:e]), "stride_in": _stride(convs[:s])}
-            for i, convs in enumerate(b["convs"] for b in net.spec["blocks"])
-            for start, stop in linear_runs(convs) for s in range(start, stop) for e in range(s + 1, stop + 1)}
-
-
-def _plan(block: int, convs: list[dict], policy: str, latency: dict | None) -> tuple[list[list[int]], list[dict]]:
-    """Segments of a block (lists of conv indices) and the recorded decision of each run."""
-    def cost(s: int, e: int) -> float:
-        """Seconds from the table, or MACs per pixel of the block input (borders ignored)."""
-        if policy == "latency":
-            key = segment_key(block, s, e)
-            if key not in latency:
-                raise ConfigError(f"merge: latency table has no entry '{key}' (see merge.candidate_segments)")
-            return float(latency[key])
-        spec = functools.reduce(composed_spec, convs[s:e])
-        return spec["out"] * spec["in"] // spec["groups"] * spec["kernel"] ** 2 / _stride(convs[:e]) ** 2
-
-    segments, decisions, done = [], [], 0
-    for start, stop in linear_runs(convs):
-        best = {start: (0.0, [])}  # shortest path over the split points: cut -> (cost, segments up to it)
-        for e in range(start + 1, stop + 1):  # ties go to the shortest last segment (fewer merges)
-            options = [(best[s][0] + cost(s, e), best[s][1] + [list(range(s, e))]) for s in range(e - 1, start - 1, -1)]
-            best[e] = min(options, key=lambda option: option[0])
-        decisions.append({"run": [start, stop - 1], "policy": policy, "segments": best[stop][1],
-                          "cost_unmerged": sum(cost(s, s + 1) for s in range(start, stop)),
-                          "cost_chosen": best[stop][0]})
-        segments += [[j] for j in range(done, start)] + best[stop][1]
-        done = stop
-    segments += [[j] for j in range(done, len(convs))]
-    return segments, decisions
-
-
 @torch.no_grad()
-def merge_plain(net: PlainNet, policy: str = "macs", latency: dict | None = None) -> PlainNet:
-    """The merged PlainNet (same function): runs merged per ``policy``, residuals folded where the block became
-    one conv. Each block spec records ``merged_from`` (original conv indices per conv), ``residual_folded``
-    and ``decisions`` (per run: the segments chosen, ``cost_unmerged`` and ``cost_chosen``)."""
-    if policy not in POLICIES:
-        raise ConfigError(f"merge: policy '{policy}' is not one of {', '.join(POLICIES)}")
-    if (policy == "latency") != (latency is not None):
-        raise ConfigError("merge: a latency table goes with policy 'latency', and only with it")
+def merge_plain(net: PlainNet, policy: str | dict | None = None, latency: dict | None = None) -> PlainNet:
+    """The merged PlainNet (same function). The plan is the one recorded in ``net.spec["merge_plan"]`` when no
+    ``policy`` is given, else ``plan_merges(net, policy, latency)`` (``macs`` when there is neither). Residuals
+    fold where a block became one conv. The spec records ``merge`` (``policy`` and per block the ``plan``) and
+    per block ``merged_from`` (original conv indices per conv), ``residual_folded`` and ``decisions``."""
+    recorded = net.spec.get("merge_plan") if policy is None and latency is None else None
+    plan = recorded or plan_merges(net, policy or "macs", latency)
+    if len(plan["blocks"]) != len(net.blocks):
+        raise ConfigError(f"merge: the plan has {len(plan['blocks'])} blocks, the network {len(net.blocks)}")
     spec = copy.deepcopy(net.spec)
+    spec.pop("merge_plan", None)
     merged_convs: list[list[Conv]] = []
-    for i, (block, bspec) in enumerate(zip(net.blocks, spec["blocks"])):
+    for i, (block, bspec, bplan) in enumerate(zip(net.blocks, spec["blocks"], plan["blocks"])):
         convs = [Conv(c, m.weight.to(torch.float64, copy=True), m.bias.to(torch.float64, copy=True))
                  for c, m in zip(bspec["convs"], block.convs)]
-        segments, decisions = _plan(i, bspec["convs"], policy, latency)
+        segments = bplan["segments"]
         merged = [functools.reduce(functools.partial(compose, where=f"block {i}"), [convs[j] for j in seg])
                   for seg in segments]
         folded = bool(bspec.get("residual")) and len(merged) == 1 and fold_residual(merged[0])
         bspec.update(convs=[m.spec for m in merged], residual=bool(bspec.get("residual")) and not folded,
-                     merged_from=segments, residual_folded=folded, decisions=decisions)
+                     merged_from=segments, residual_folded=folded, decisions=bplan["decisions"])
         merged_convs.append(merged)
-    spec["merge"] = {"policy": policy}
+    spec["merge"] = {"policy": plan["policy"], "plan": [b["segments"] for b in plan["blocks"]]}
     out = PlainNet(spec).to(next(net.parameters()))
     for block, convs in zip(out.blocks, merged_convs):
         for target, conv in zip(block.convs, convs):
@@ -189,46 +130,75 @@ def conv_layers(net: PlainNet) -> int:
     return sum(len(block.convs) for block in net.blocks)
 
 
+def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features before the head (input of a PlainNet's last block, of a timm model's ``conv_head``): where a
+    wrong merge shows even when the head's ReLU6 clips the logits into agreement (REFERENCE §2)."""
+    head = model.blocks[-1] if isinstance(model, PlainNet) else model.conv_head
+    seen = []
+    handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 @torch.no_grad()
-def _merge_and_check(model: nn.Module, input_size: int, samples: int, seed: int) -> tuple[PlainNet, dict]:
-    """Merge a (timm or plain) model; report costs before/after and the max abs logit error on seeded noise."""
+def _merge_and_check(model: nn.Module, x: torch.Tensor, policy: str | dict | None) -> tuple[PlainNet, dict]:
+    """Merge a (timm or plain) model under its recorded plan or ``policy``; report costs before/after, the max
+    abs logit error and the relative error of the features before the head on the images ``x``."""
     model.eval()
     plain = model if isinstance(model, PlainNet) else to_plain(model)
-    merged = merge_plain(plain)
-    x = torch.randn(samples, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
-    ref = model(x)
-    before, after = profile(plain, input_size), profile(merged, input_size)
+    merged = merge_plain(plain, None if plain.spec.get("merge_plan") else policy)
+    ref, ref_features = model(x), head_input(model, x)
+    before, after = profile(plain, x.shape[-1]), profile(merged, x.shape[-1])
     return merged, {
         "merge_max_abs_err": float((merged(x) - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
+        "merge_feature_rel_err": float((head_input(merged, x) - ref_features).abs().max()
+                                       / ref_features.abs().max().clamp_min(1e-30)),
         **after, "layers_before": conv_layers(plain),
         "layers_after": conv_layers(merged), "params_unmerged": before["params"], "macs_unmerged": before["macs"],
         "merged_blocks": [i for i, b in enumerate(merged.spec["blocks"]) if any(len(s) > 1 for s in b["merged_from"])],
+        "merge_policy": merged.spec["merge"]["policy"]["name"], "merge_plan": merged.spec["merge"],
     }
 
 
-def merge_checkpoint(ckpt_path: str | Path, out_path: str | Path, input_size: int, samples: int = 8,
-                     seed: int = 0) -> dict:
-    """Stage: load a finetuned checkpoint, fold BN, merge, check against the unmerged model, save the merged
-    PlainNet (state_dict + spec) to ``out_path``; returns the JSON-able report."""
+def held_out_images(config: dict, input_size: int, samples: int) -> torch.Tensor:
+    """The first ``samples`` images of the held-out test split (``data.build_datasets``) at ``input_size``."""
+    test = build_datasets({**config["data"], "image_size": input_size}, config["seed"]).test
+    return torch.stack([test[i][0] for i in range(min(samples, len(test)))])
+
+
+def merge_checkpoint(ckpt_path: str | Path, out_path: str | Path, config: dict, input_size: int | None = None,
+                     samples: int = 8) -> dict:
+    """Stage: load a finetuned checkpoint, fold BN, merge under its recorded plan (else ``merge_policy(config)``,
+    among the exact merges), check against the unmerged model on ``samples`` held-out test images, save the
+    merged PlainNet (state_dict + spec) to ``out_path``; returns the JSON-able report."""
+    size = input_size or config["data"]["image_size"]
     model, _ = checkpoint.load_model(ckpt_path)
-    merged, report = _merge_and_check(model, input_size, samples, seed)
+    x = held_out_images(config, size, samples)
+    merged, report = _merge_and_check(model, x, merge_policy(config, size))
     checkpoint.save(out_path, merged, merged.spec)
-    return {"finetuned": str(ckpt_path), "merged": str(out_path), "input_size": input_size, **report}
+    return {"finetuned": str(ckpt_path), "merged": str(out_path), "input_size": size, "check_images": len(x),
+            "check_split": "test", **report}
 
 
 def merge_pattern(arch: str, keep: list[int] | str, input_size: int, pretrained: str = "none",
                   num_classes: int = 1000, small_input: bool = False, free_act: str = "none",
-                  samples: int = 2, seed: int = 0) -> dict:
-    """Apply a keep-list (or a ``PATTERNS`` name) to a fresh backbone, merge, and report costs and error.
-    The granularity follows the keep-list's length (block or layer units)."""
+                  policy: str | dict = "macs", samples: int = 2, seed: int = 0) -> dict:
+    """Apply a keep-list (or a ``PATTERNS`` name) to a fresh backbone under the merge ``policy``, merge, and
+    report costs and errors on ``samples`` seeded random images. The granularity follows the keep-list's length
+    (block or layer units)."""
     model = create_model(arch, num_classes, small_input=small_input, pretrained=pretrained).eval()
     keep = PATTERNS[keep] if isinstance(keep, str) else list(keep)
     units = {len(u): u for u in (activation_units(model, g) for g in ("block", "layer"))}
     if len(keep) not in units:
         raise ConfigError(f"merge: keep-list has {len(keep)} entries; {arch} has {' or '.join(map(str, units))} units")
-    apply_keep(model, units[len(keep)], keep, free_act)
-    _, report = _merge_and_check(model, input_size, samples, seed)
-    return {"arch": arch, "keep": keep, "input_size": input_size, **report}
+    apply_keep(model, units[len(keep)], keep, free_act, policy)
+    x = torch.randn(samples, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
+    _, report = _merge_and_check(model, x, policy)
+    return {"arch": arch, "keep": keep, "input_size": input_size, "check_images": samples,
+            "check_split": "seeded noise", **report}
 
 
 def export_onnx(net: nn.Module, path: str | Path, input_size: int) -> Path:

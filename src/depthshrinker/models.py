@@ -39,7 +39,10 @@ class OfflineWeights:
 @dataclass(frozen=True)
 class Arch:
     timm_name: str
-    generator: Callable[..., nn.Module]  # timm's builder, takes (variant, channel_multiplier, ...)
+    # timm's builder, takes (variant, channel_multiplier, ...). Private in timm, used only for other widths:
+    # the public ``timm.create_model("mobilenetv2_100", channel_multiplier=w)`` raises (the registered entry
+    # passes its own multiplier), and timm registers only a few widths (no 0.35).
+    generator: Callable[..., nn.Module]
     offline: OfflineWeights | None = None
 
 

@@ -7,13 +7,15 @@ merging, the device benchmarks and the MPC engine all work on it::
 
 A block is a chain of convolutions, each followed by its activation (``relu6`` or ``none``), an optional
 residual add of the block input, and an optional activation after the add (``free_act``); an SNL-masked
-activation carries its public mask in the spec (``"mask": {"shape", "ones", "bits"}``)::
+activation carries its public mask in the spec (``"mask": {"shape", "ones", "bits"}``), and one whose mask keeps
+nothing is written as ``act: none`` (DESIGN "One set of counts": it counts, costs and merges as linear)::
 
     {"convs": [{"in": 16, "out": 96, "kernel": 1, "stride": 1, "padding": 1, "groups": 1, "act": "none"}, ...],
      "residual": true, "free_act": "none"}
 
 BatchNorm folding (Ioffe & Szegedy 2015, inference form): ``W' = W·γ/√(σ²+ε)``, ``b' = β − μ·γ/√(σ²+ε)``.
-A pad-first block (see ``models.set_pad_first``) keeps its padding on the 1x1 expansion.
+A pad-first block (see ``models.set_pad_first``) keeps its padding on the 1x1 expansion. The merge plan a keep-list
+was applied with (``gates.apply_keep``) is carried in the spec as ``merge_plan`` for ``merge.merge_plain``.
 """
 from __future__ import annotations
 
@@ -30,13 +32,18 @@ ACTS = {"none": nn.Identity, "relu6": nn.ReLU6, "relu": nn.ReLU}
 
 
 def conv_spec(conv: nn.Conv2d, act: nn.Module) -> dict:
-    """A conv and its activation; an SNL-masked activation carries its (public) mask as packed bits."""
+    """A conv and its activation; an SNL-masked activation carries its (public) mask as packed bits, and one whose
+    mask keeps nothing is linear (``act: none``): it costs nothing and merges like any linear run."""
     if isinstance(conv.padding, str):
         raise ConfigError(f"plain network: string padding '{conv.padding}' is not supported")
     spec = {"in": conv.in_channels, "out": conv.out_channels, "kernel": conv.kernel_size[0],
             "stride": conv.stride[0], "padding": conv.padding[0], "groups": conv.groups, "act": _act_name(act)}
     if isinstance(act, MaskedAct):
-        spec["mask"] = {"shape": list(act.mask.shape), "ones": int(act.mask.sum()), "bits": encode_bits(act.mask)}
+        ones = int(act.mask.sum())
+        if ones:
+            spec["mask"] = {"shape": list(act.mask.shape), "ones": ones, "bits": encode_bits(act.mask)}
+        else:
+            spec["act"] = "none"
     return spec
 
 
@@ -146,15 +153,23 @@ def act_positions(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {path: where[id(m)] for path, m in model.named_modules() if id(m) in where}
 
 
+def plain_spec(model: nn.Module) -> dict:
+    """The PlainNet spec of a timm EfficientNet-family model (no weights folded): what merge plans are made on.
+    A merge plan recorded on the model (``gates.apply_keep``) travels with it as ``merge_plan``."""
+    spec = {"kind": "plain", "num_classes": model.classifier.out_features,
+            "blocks": [{"convs": [conv_spec(c, bn.act) for c, bn in convs], "residual": res,
+                        "free_act": free} for convs, res, free in _layout(model)],
+            "classifier": {"in": model.classifier.in_features, "out": model.classifier.out_features}}
+    if getattr(model, "merge_plan", None) is not None:
+        spec["merge_plan"] = model.merge_plan
+    return spec
+
+
 def to_plain(model: nn.Module) -> PlainNet:
     """Fold a timm EfficientNet-family model (MobileNetV2, EfficientNet-Lite; masked or pruned) into a PlainNet
     that computes the same function in eval mode."""
     pairs = _layout(model)
-    spec = {"kind": "plain", "num_classes": model.classifier.out_features,
-            "blocks": [{"convs": [conv_spec(c, bn.act) for c, bn in convs], "residual": res,
-                        "free_act": free} for convs, res, free in pairs],
-            "classifier": {"in": model.classifier.in_features, "out": model.classifier.out_features}}
-    net = PlainNet(spec)
+    net = PlainNet(plain_spec(model))
     with torch.no_grad():
         for (convs, _, _), block in zip(pairs, net.blocks):
             for (conv, bn), target in zip(convs, block.convs):

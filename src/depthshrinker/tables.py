@@ -1,7 +1,8 @@
 """Per-unit cost tables for the platform-aware search (what upstream users measured by hand and typed into
 YAML as ``LAT_BEFORE`` / ``LAT_AFTER``): for every activation unit of the configured model and input size, the
-cost of its block as it is (``before``) and with the unit's activations removed and the block merged where the
-merge policy says so (``after``).
+cost of its block as it is (``before``) and as it will be deployed with the unit's activations removed
+(``after``): the free activation (``model.free_act``) included, the block merged by the same merge plan the
+merge stage will use (``plan.merge_policy(config)``, decided by ``gates.apply_keep`` as in finetuning).
 
 Targets: ``cpu`` and ``gpu`` are measured (batch 1 on the CPU, the configured batch on the GPU; interleaved
 repeats, median), ``mpc`` is the two-party cost model (bytes and rounds exact for CrypTen; latency under the
@@ -23,6 +24,7 @@ from .merge import merge_plain
 from .models import activation_units, create_model
 from .mpc import cost as mpc_cost
 from .plain import PlainNet, act_positions, to_plain
+from .plan import merge_policy
 
 UNITS = {"cpu": "ms", "gpu": "ms", "mpc": "s"}
 
@@ -33,12 +35,13 @@ def unit_blocks(model, granularity: str) -> list[int]:
     return [where[unit.acts[0]][0] for unit in activation_units(model, granularity)]
 
 
-def shrunk(model, granularity: str, unit: int) -> PlainNet:
-    """``model`` (timm) with only ``unit``'s activations removed (pad-first where needed), BN folded and merged by
-    the default (MACs) policy."""
+def shrunk(model, granularity: str, unit: int, policy: dict, free_act: str = "none") -> PlainNet:
+    """``model`` (timm) as deployed with only ``unit``'s activations removed: the free activation added where the
+    block became linear, BN folded, merged by the plan ``apply_keep`` decides under ``policy`` (pad-first only
+    where that plan merges)."""
     model = copy.deepcopy(model)
     units = activation_units(model, granularity)
-    apply_keep(model, units, [int(i != unit) for i in range(len(units))])
+    apply_keep(model, units, [int(i != unit) for i in range(len(units))], free_act, policy)
     return merge_plain(to_plain(model))
 
 
@@ -65,22 +68,24 @@ def cost_table(config: dict, target: str, granularity: str, out: str | Path, rep
     names = [u.name for u in activation_units(model, granularity)]
     blocks = unit_blocks(model, granularity)
     inputs = block_inputs(net, size)
+    policy = merge_policy(config)
+    after = [shrunk(model, granularity, unit, policy, m["free_act"]) for unit in range(len(names))]
     rows = []
     if target == "mpc":
         network = config["mpc"]["network"]
         for unit, (block, name) in enumerate(zip(blocks, names)):
             shape = tuple(inputs[block].shape[1:])
             before, _ = mpc_cost.block_cost(net.spec["blocks"][block], shape)
-            after, _ = mpc_cost.block_cost(shrunk(model, granularity, unit).spec["blocks"][block], shape)
+            cut, _ = mpc_cost.block_cost(after[unit].spec["blocks"][block], shape)
             rows.append({"name": name, "before": mpc_cost.latency(before, network),
-                         "after": mpc_cost.latency(after, network), "before_bytes": before.bytes,
-                         "after_bytes": after.bytes, "before_rounds": before.rounds, "after_rounds": after.rounds})
+                         "after": mpc_cost.latency(cut, network), "before_bytes": before.bytes,
+                         "after_bytes": cut.bytes, "before_rounds": before.rounds, "after_rounds": cut.rounds})
         note = f"two-party CrypTen cost model, {network} preset"
     else:
         device = "cuda" if target == "gpu" else "cpu"
         batch = config["data"]["batch_size"] if target == "gpu" else 1
         for unit, (block, name) in enumerate(zip(blocks, names)):
-            pair = {"before": net.blocks[block], "after": shrunk(model, granularity, unit).blocks[block]}
+            pair = {"before": net.blocks[block], "after": after[unit].blocks[block]}
             x = inputs[block].expand(batch, -1, -1, -1).contiguous().to(device)
             times = time_interleaved({k: v.to(device).eval() for k, v in pair.items()}, x, repeats, 3, 20)
             rows.append({"name": name, **{k: 1e3 * sorted(t)[len(t) // 2] for k, t in times.items()}})
@@ -90,7 +95,8 @@ def cost_table(config: dict, target: str, granularity: str, out: str | Path, rep
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", newline="") as f:
         f.write(f"# {target} cost per unit of {m['arch']} at {size}x{size}, {granularity} granularity; "
-                f"unit of measure: {UNITS[target]}; {note}\n")
+                f"unit of measure: {UNITS[target]}; {note}; after = deployed: free_act {m['free_act']}, "
+                f"merge policy {policy['name']}\n")
         writer = csv.DictWriter(f, fieldnames=["unit", *rows[0]])
         writer.writeheader()
         writer.writerows({"unit": i, **row} for i, row in enumerate(rows))
