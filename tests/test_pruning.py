@@ -1,4 +1,6 @@
-"""Channel-pruning baseline: coupled cuts, budget fit, checkpoints, plain form, BN recalibration, the search."""
+"""Channel-pruning baseline: coupled cuts, budget fit, checkpoints, plain form, BN recalibration, the search
+scored on the selection split, the MPC budget, raised budgets flagged."""
+import dataclasses
 import json
 
 import pytest
@@ -125,17 +127,72 @@ def test_infeasible_budget_is_a_config_error(mbv2, tmp_path):
         SearchConfig.from_config({"metapruning": {"populaton": 4}})
 
 
+def test_candidates_are_scored_on_the_selection_split():
+    """A network that always answers class 1: 100 % on a selection split of ones, 0 % on the others."""
+    from depthshrinker.data import Splits
+
+    def images(label):
+        return torch.utils.data.TensorDataset(torch.randn(8, 3, 4, 4), torch.full((8,), label))
+
+    splits = Splits(train=images(0), select=images(1), test=images(2), num_classes=3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    data = validate({})["data"]
+    score = pruning._scorer(splits, SearchConfig(holdout_images=5, calibration_batches=1, adapt_steps=0), data, 0)
+    assert score(model)["top1"] == 100.0
+
+
+def test_adaptation_trains_a_copy_on_training_batches():
+    """Adapting on training images of class 0 turns a class-1 network into a class-0 one for scoring only."""
+    from depthshrinker.data import Splits
+
+    def images(label):
+        return torch.utils.data.TensorDataset(torch.randn(64, 3, 4, 4), torch.full((64,), label))
+
+    splits = Splits(train=images(0), select=images(0), test=images(2), num_classes=3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    before = model[1].bias.clone()
+    cfg = SearchConfig(holdout_images=64, calibration_batches=1, adapt_steps=20, adapt_lr=0.5)
+    data = {**validate({})["data"], "batch_size": 16}
+    assert pruning._scorer(splits, cfg, data, 0)(model)["top1"] > 90
+    assert torch.equal(model[1].bias, before), "the candidate keeps its cut dense weights"
+    unadapted = dataclasses.replace(cfg, adapt_steps=0)
+    assert pruning._scorer(splits, unadapted, data, 0)(model)["top1"] == 0.0
+
+
+def test_mpc_cost_is_crypten_bytes_and_rounds_without_compute(mbv2):
+    from depthshrinker.mpc.cost import NETWORKS, count
+    from depthshrinker.mpc.engine import as_plain
+
+    cost = pruning.COSTS["mpc"](validate({"data": {"image_size": 16}, "mpc": {"network": "wan"}}))(mbv2)
+    counts, wan = count(as_plain(mbv2), 16), NETWORKS["wan"]
+    assert cost == pytest.approx(counts.rounds * wan.rtt_s + counts.bytes / 2 * 8 / wan.bandwidth_bit_s)
+    with pytest.raises(ConfigError, match="mpc.network"):
+        pruning.COSTS["mpc"](validate({"mpc": {"network": "loopback"}}))
+
+
 @pytest.mark.slow
-def test_metaprune_end_to_end(micro_config, tmp_path):
+@pytest.mark.parametrize("budget", [0.5, 0.01])
+def test_metaprune_end_to_end(micro_config, tmp_path, budget):
     from depthshrinker.baselines import train_dense
 
     train_dense(micro_config, tmp_path / "dense.pt")
     config = {**micro_config, "metapruning": {"population": 3, "generations": 2, "holdout_images": 32,
-                                              "calibration_batches": 1}}
-    metrics = pruning.metaprune(config, tmp_path / "dense.pt", tmp_path / "mp.pt", 0.5)
-    search_result = metrics["search"]
-    assert search_result["winner_cost"] <= search_result["budget_cost"] == 0.5 * search_result["dense_cost"]
+                                              "calibration_batches": 1, "adapt_steps": 2}}
+    metrics = pruning.metaprune(config, tmp_path / "dense.pt", tmp_path / "mp.pt", budget, at_least_narrowest=True)
+    search_result, raised = metrics["search"], budget == 0.01
+    dense_cost = search_result["dense_cost"]
+    assert search_result["winner_cost"] <= search_result["budget_cost"]
+    assert (search_result["budget_cost"] == 0.5 * dense_cost) != raised
+    assert search_result["uniform_select_top1"] == search_result["history"][0]["top1"] <= search_result["select_top1"]
     assert list(search_result["genes"]) == stages(create_model("mobilenetv2_100", 10))
-    assert json.loads((tmp_path / "mp.json").read_text())["search"]["genes"] == search_result["genes"]
+    written = json.loads((tmp_path / "mp.json").read_text())
+    assert written["search"]["genes"] == search_result["genes"]
+    assert written["row"] == {"budget_raised": raised, "budget_requested": budget,
+                              "budget_used": pytest.approx(search_result["budget_cost"] / dense_cost)}
     model, spec = load_model(tmp_path / "mp.pt")
     assert spec["kind"] == "pruned" and macs(model, 16) == search_result["winner_cost"]

@@ -48,7 +48,7 @@ def test_dense_training_learns_and_writes_outputs(micro_config, tmp_path):
     metrics = train_dense(cfg, out)
     assert out.is_file() and out.with_suffix(".json").is_file()
     assert not out.with_name("dense.pt.last").exists()
-    assert len(metrics["history"]) == 2
+    assert len(metrics["history"]) == 2 and metrics["test_images"] == 128
     assert metrics["history"][1]["train_loss"] < metrics["history"][0]["train_loss"]
     ckpt = load(out)
     assert ckpt["spec"]["arch"] == "mobilenetv2_100" and "state_dict" in ckpt

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
+from .checkpoint import read_json, write_json
 from .config import ConfigError, load_config
+from .provenance import provenance
 
 
 def _config(args) -> dict:
@@ -35,14 +39,14 @@ def cmd_metaprune(args):
     config = _config(args)
     budget = args.budget if args.budget is not None else matched_budget(config, args.cost, args.dense, args.match)
     result = metaprune(config, args.dense, args.out, budget, args.cost, at_least_narrowest=args.budget is None)
-    return {"top1": result["top1"], **{k: v for k, v in result["search"].items() if k != "history"}}
+    return {"top1": result["top1"], **result["row"], **{k: v for k, v in result["search"].items() if k != "history"}}
 
 
 def cmd_search(args):
     from .search import search
 
-    return {"top1": search(_config(args), args.dense, args.out, args.method, args.granularity, args.keep,
-                           args.costs)["top1"]}
+    metrics = search(_config(args), args.dense, args.out, args.method, args.granularity, args.keep, args.costs)
+    return {k: metrics[k] for k in ("top1", "budget", "active_elements", "budget_reached") if k in metrics}
 
 
 def cmd_extract(args):
@@ -60,11 +64,13 @@ def cmd_finetune(args):
 def cmd_merge(args):
     from .checkpoint import write_json
     from .merge import export_onnx, merge_checkpoint, merge_pattern, onnx_max_abs_err
+    from .plan import merge_policy
 
+    config = _config(args)
     if args.checkpoint:
         if not args.out:
             raise ConfigError("merge: --out is required with --checkpoint")
-        report = merge_checkpoint(args.checkpoint, args.out, _size(args), samples=args.samples)
+        report = merge_checkpoint(args.checkpoint, args.out, config, args.input_size, samples=args.samples)
         if args.onnx:
             from .checkpoint import load_model
 
@@ -73,8 +79,10 @@ def cmd_merge(args):
             report["onnx_max_abs_err"] = onnx_max_abs_err(merged, args.onnx, _size(args))
     else:
         keep = args.pattern or [int(k) for k in args.keep.split(",")]
-        report = merge_pattern(args.arch, keep, args.input_size or 224, pretrained=args.pretrained,
-                               small_input=args.small_input, samples=args.samples)
+        size = args.input_size or 224
+        report = merge_pattern(args.arch, keep, size, pretrained=args.pretrained, small_input=args.small_input,
+                               free_act=config["model"]["free_act"], policy=merge_policy(config, size),
+                               samples=args.samples)
     if args.report:
         write_json(args.report, report)
     return report
@@ -94,7 +102,7 @@ def cmd_bench_mpc(args):
     config = _config(args)
     mpc = config["mpc"]
     return bench_mpc(args.model, args.out, config["data"]["image_size"], runs=mpc["runs"], warmup=mpc["warmup"],
-                     timeout=mpc["timeout"], tol=mpc["tolerance"])
+                     timeout=mpc["timeout"], tol=mpc["tolerance"], provider=mpc.get("provider", "ttp"))
 
 
 def cmd_cost_table(args):
@@ -109,16 +117,38 @@ def cmd_profile(args):
     return profile_cell(args.model, args.method, args.granularity, args.keep, _size(args), args.out)
 
 
+def cmd_row(args):
+    from .provenance import config_hash, sections
+    from .report import cell_row
+
+    config = _config(args)
+    return cell_row(args.method, args.granularity, args.keep, args.model, args.parts, args.out, seed=config["seed"],
+                    config_hash=config_hash(sections(config, f"row:{args.method}")))
+
+
 def cmd_summarize(args):
     from .report import summarize
 
     return {"rows": len(summarize(args.rows, args.out)), "out": args.out}
 
 
-def cmd_plots(args):
-    from .report import plots
+def cmd_aggregate(args):
+    from .report import aggregate
 
-    return {"plots": [str(p) for p in plots(args.summary, args.out, _config(args))]}
+    return {"cells": len(aggregate(args.summary, args.out, args.test_images)), "out": args.out}
+
+
+def cmd_plots(args):
+    from .figures import plots
+
+    return {"plots": [str(p) for p in plots(args.summary, args.out, _config(args), args.test_images)]}
+
+
+def cmd_table(args):
+    from .report import table
+
+    table(args.by_cell, args.readme, args.out)
+    return {"readme": args.readme, "out": args.out}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -140,7 +170,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s = add("metaprune", cmd_metaprune, "searched channel pruning under a budget, then finetune the winner")
     s.add_argument("--dense", required=True, help="dense checkpoint")
-    s.add_argument("--cost", choices=["mpc", "macs", "params"], default="mpc")
+    s.add_argument("--cost", choices=["mpc", "macs", "params"], default="mpc",
+                   help="mpc: CrypTen bytes and rounds as communication time at mpc.network (no compute term)")
     budget = s.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget", type=float, help="fraction of the dense network's cost")
     budget.add_argument("--match", help="checkpoint whose cost sets the budget (e.g. a merged DepthShrinker cell)")
@@ -156,10 +187,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--search", required=True, help="search checkpoint")
     s.add_argument("--out", required=True, help="mask JSON to write")
     s = add("finetune", cmd_finetune, "stage 2: finetune the shrunk network with distillation")
-    s.add_argument("--dense", required=True, help="dense checkpoint (student init and teacher)")
+    s.add_argument("--dense", required=True,
+                   help="dense checkpoint (the teacher; the student's init, except SNL element: its search's)")
     s.add_argument("--mask", required=True, help="mask JSON from `extract`")
     s.add_argument("--out", required=True)
-    s = add("merge", cmd_merge, "fold BatchNorm and merge linear convolutions; print MACs, params, layers, error")
+    s = add("merge", cmd_merge, "fold BatchNorm and merge linear convolutions under the config's merge policy "
+            "(plan.merge_policy; a finetuned checkpoint's recorded plan wins); print MACs, params, layers, errors")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a finetuned checkpoint")
     src.add_argument("--arch", help="a model name, with --pattern or --keep (e.g. mobilenetv2_140)")
@@ -169,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained", default="none", help="none | auto | weights path (with --arch)")
     s.add_argument("--small-input", action="store_true", help="stride-1 stem (with --arch)")
     s.add_argument("--input-size", type=int, default=None, help="default: config data.image_size (224 with --arch)")
-    s.add_argument("--samples", type=int, default=8, help="random inputs of the error check")
+    s.add_argument("--samples", type=int, default=8,
+                   help="images of the error check: held-out test images (--checkpoint), seeded noise (--arch)")
     s.add_argument("--out", default=None, help="merged checkpoint to write (with --checkpoint)")
     s.add_argument("--report", default=None, help="JSON report to write")
     s.add_argument("--onnx", default=None, help="also export ONNX here and check it with onnxruntime")
@@ -191,30 +225,76 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", type=float, required=True)
     s.add_argument("--input-size", type=int, default=None)
     s.add_argument("--out", default=None)
+    s = add("row", cmd_row, "one cell's summary row (JSON) from its checkpoint metrics and stage reports")
+    s.add_argument("--method", required=True)
+    s.add_argument("--granularity", required=True)
+    s.add_argument("--keep", type=float, required=True)
+    s.add_argument("--model", required=True, help="the cell's trained checkpoint (its metrics: model.json)")
+    s.add_argument("parts", nargs="+", help="stage reports merged into the row (merge, bench, mpc JSON)")
+    s.add_argument("--out", required=True)
     s = add("summarize", cmd_summarize, "collect cell rows (JSON) into a summary CSV")
     s.add_argument("rows", nargs="+", help="per-cell row JSON files")
     s.add_argument("--out", required=True)
-    s = add("plots", cmd_plots, "accuracy vs cost plots with Pareto fronts from a summary CSV")
-    s.add_argument("--summary", required=True)
-    s.add_argument("--out", required=True, help="folder for the PNGs")
+    s = add("aggregate", cmd_aggregate, "per-cell mean, std, n and 95 % interval over seeds of a summary CSV")
+    s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
+    s.add_argument("--out", required=True, help="aggregate CSV to write (e.g. results/summary_by_cell.csv)")
+    s.add_argument("--test-images", type=int, default=None,
+                   help="held-out images behind top-1, where the rows lack a test_images column")
+    s = add("plots", cmd_plots, "accuracy vs cost figures (PNG and PDF) with intervals and the Pareto front")
+    s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
+    s.add_argument("--out", required=True, help="folder for the PNGs and PDFs")
+    s.add_argument("--test-images", type=int, default=None, help="as for aggregate")
+    s = add("table", cmd_table, "Markdown results table (with its caption) from the aggregate CSV")
+    s.add_argument("--by-cell", required=True, help="aggregate CSV from `aggregate`")
+    s.add_argument("--readme", default=None, help="rewrite the block between the results-table markers here")
+    s.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
+
+
+def _json_output(args) -> Path | None:
+    """The JSON file a stage wrote (its metrics or report), which gets the provenance block; None if none."""
+    out = getattr(args, "report", None) or getattr(args, "out", None)
+    if out is None:
+        return None
+    out = Path(out).with_suffix(".json") if Path(out).suffix == ".pt" else Path(out)
+    return out if out.suffix == ".json" and out.is_file() else None
+
+
+def stamp(path: Path, config: dict, stage: str) -> None:
+    """Add ``provenance(config, stage)`` to the JSON object in ``path`` (rewritten atomically)."""
+    data = read_json(path)
+    if isinstance(data, dict):
+        write_json(path, {**data, "provenance": provenance(config, stage)})
 
 
 def main(argv: list[str] | None = None, config: dict | None = None, log_file: str | None = None) -> int:
     """Run one subcommand; ``config`` (a validated dict) replaces ``--config`` when called from Python.
-    Under torchrun (WORLD_SIZE > 1) the process group is set up first (NCCL on GPUs, gloo on CPUs)."""
+    Under torchrun (WORLD_SIZE > 1) the process group is set up first (NCCL on GPUs, gloo on CPUs).
+    The stage's JSON output gets a provenance block (the config sections it read, their hash, versions) and
+    its result goes to stdout and to ``log_file``."""
     args = parser().parse_args(argv)
     args.config_dict = config
-    from .train import configure, init_distributed
+    from .train import configure, init_distributed, is_main
 
     configure(args.threads, log_file)
     try:
         with init_distributed():
             result = args.fn(args)
+            output = _json_output(args)
+            if output is not None and is_main():
+                stage = f"row:{args.method}" if args.command == "row" else args.command
+                stamp(output, _config(args), stage)
     except ConfigError as err:
-        print(f"depthshrinker {args.command}: error: {err}", file=sys.stderr)
+        line = f"depthshrinker {args.command}: error: {err}"
+        print(line, file=sys.stderr)
+        if log_file:
+            with open(log_file, "a") as log:
+                log.write(line + "\n")
         return 2
-    print(json.dumps(result, indent=2, default=str))
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if log_file:
+        logging.getLogger("depthshrinker").info(f"{args.command} result:\n{text}")
     return 0
 
 

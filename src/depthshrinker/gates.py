@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
 from .models import Unit, activation_units, set_pad_first
@@ -192,24 +191,38 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 
 
 class SNLBudget(nn.Module):
-    """State of SNL's λ schedule, kept as buffers so that a resumed search continues it."""
+    """SNL's λ schedule and stop rule (Cho et al., ICML 2022, Algorithm 1), kept as buffers so that a resumed
+    search continues it: the loss gets ``λ Σ_l ‖α_l‖₁``; after an epoch whose count of active elements
+    (α > ``SoftMaskAct.threshold``) is not a new low, λ grows ×``growth`` unless that epoch is one of the first
+    ``warmup`` (SNL: 5); the search stops once the count is within ``budget``."""
 
-    def __init__(self, budget: int, lam: float, growth: float):
+    def __init__(self, budget: int, lam: float, growth: float, warmup: int = 0, total: int | None = None):
         super().__init__()
-        self.growth = growth
+        self.growth, self.warmup = growth, warmup
         self.register_buffer("budget", torch.tensor(budget))
         self.register_buffer("lam", torch.tensor(lam, dtype=torch.float64))
-        self.register_buffer("best", torch.tensor(torch.iinfo(torch.int64).max))
+        self.register_buffer("best", torch.tensor(torch.iinfo(torch.int64).max if total is None else total))
 
     def penalty(self, masks: list[SoftMaskAct]) -> torch.Tensor:
         return self.lam.float() * sum(m.alpha.abs().sum() for m in masks)
 
-    def end_epoch(self, count: int) -> bool:
-        """Grow λ unless ``count`` is a new low; True once the budget is met."""
-        if count >= int(self.best):
-            self.lam *= self.growth
-        self.best.fill_(min(count, int(self.best)))
+    @staticmethod
+    @torch.no_grad()
+    def count(masks: list[SoftMaskAct]) -> int:
+        """Active elements: α above SNL's binarization threshold (element masks have the input's shape)."""
+        return int(sum((m.alpha > m.threshold).sum() for m in masks))
+
+    def reached(self, count: int) -> bool:
         return count <= int(self.budget)
+
+    def end_epoch(self, epoch: int, count: int) -> bool:
+        """After epoch ``epoch`` (0-based) with ``count`` active elements: record a new low, or else grow λ
+        once past the warm-up; True once the budget is met."""
+        if count < int(self.best):
+            self.best.fill_(count)
+        elif epoch >= self.warmup:
+            self.lam *= self.growth
+        return self.reached(count)
 
 
 def install_search_gates(model: nn.Module, gates: dict) -> None:
@@ -220,7 +233,8 @@ def install_search_gates(model: nn.Module, gates: dict) -> None:
     install_layer_gates(model, activation_units(model, "layer"), gates["granularity"], gates["keep_ratio"],
                         gates["input_size"])
     if gates["granularity"] == "element":
-        model.snl = SNLBudget(gates["budget"], gates["lambda"], gates["growth"])
+        model.snl = SNLBudget(gates["budget"], gates["lambda"], gates["growth"], gates.get("warmup", 0),
+                              gates.get("total"))
 
 
 def _free_act_hook(block: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
@@ -234,30 +248,40 @@ def add_free_act(block: nn.Module) -> None:
     block.register_forward_hook(_free_act_hook)
 
 
-def apply_keep(model: nn.Module, units: list[Unit], keep: list[int], free_act: str = "none") -> nn.Module:
-    """Stage-2 form of a mask: removed units become ``nn.Identity``; an IR block whose expansion activation is
-    removed is put in pad-first form (so it merges exactly, see ``models.set_pad_first``); with
-    ``free_act='relu6'`` a fully linear block gets a ReLU6 after its residual add."""
+def apply_keep(model: nn.Module, units: list[Unit], keep: list[int], free_act: str = "none",
+               policy: str | dict = "macs", plan: dict | None = None) -> nn.Module:
+    """Stage-2 form of a mask: removed units become ``nn.Identity``; with ``free_act='relu6'`` a fully linear
+    block gets a ReLU6 after its residual add. The merge plan (``plan.plan_merges`` under ``policy``, or the
+    recorded ``plan`` of a checkpoint) is recorded as ``model.merge_plan`` and the IR blocks where it merges the
+    expansion into the padded depthwise conv, and only those, are put in pad-first form (so they merge exactly,
+    see ``models.set_pad_first``)."""
+    from .plain import plain_spec  # not at import time: plain imports this module
+    from .plan import plan_merges
+
     if len(keep) != len(units):
         raise ValueError(f"mask has {len(keep)} entries, the model {len(units)} units")
     removed = {path for unit, k in zip(units, keep) if not k for path in unit.acts}
     for path in removed:
         model.set_submodule(path, nn.Identity())
-    blocks = {unit.block for unit in units if unit.block is not None}
-    for path in sorted(blocks):
-        block = model.get_submodule(path)
+    for path in sorted({unit.block for unit in units if unit.block is not None}):
         acts = [p for unit in units if unit.block == path for p in unit.acts]
-        if isinstance(block, InvertedResidual) and f"{path}.bn1.act" in removed:
-            set_pad_first(block)
         if free_act == "relu6" and acts and all(p in removed for p in acts):
-            add_free_act(block)
+            add_free_act(model.get_submodule(path))
+    model.merge_plan = plan or plan_merges(plain_spec(model), policy, pad_first=True)
+    blocks = [block for stage in model.blocks for block in stage]  # PlainNet blocks 1..n-2
+    for block, entry in zip(blocks, model.merge_plan["blocks"][1:]):
+        if entry["pad_first"]:
+            set_pad_first(block)
     return model
 
 
-def apply_mask_spec(model: nn.Module, mask: dict) -> nn.Module:
-    """Apply a checkpoint spec's ``mask`` entry: a DepthShrinker keep-list, or SNL mask shapes (all-ones
-    buffers, filled by the state_dict that follows)."""
+def apply_mask_spec(model: nn.Module, mask: dict, policy: str | dict = "macs") -> nn.Module:
+    """Apply a checkpoint spec's ``mask`` entry: a DepthShrinker keep-list (its merge plan decided under
+    ``policy`` and recorded in ``mask["merge_plan"]``, or the one already recorded there), or SNL mask shapes
+    (all-ones buffers, filled by the state_dict that follows)."""
     if mask.get("method", "depthshrinker") == "depthshrinker":
-        return apply_keep(model, activation_units(model, mask["granularity"]), mask["keep"],
-                          mask.get("free_act", "none"))
+        apply_keep(model, activation_units(model, mask["granularity"]), mask["keep"], mask.get("free_act", "none"),
+                   policy, mask.get("merge_plan"))
+        mask["merge_plan"] = model.merge_plan
+        return model
     return apply_masks(model, {path: torch.ones(shape) for path, shape in mask["shapes"].items()})

@@ -1,6 +1,7 @@
 """Channel-pruning baseline in the spirit of MetaPruning (Liu et al., ICCV 2019): an evolutionary search over
 per-stage widths under a cost budget, every candidate cut from the trained dense network, scored after
-BatchNorm recalibration on held-out training images, the winner trained with the ``pruned`` recipe.
+BatchNorm recalibration on the selection split (training images never trained on; DESIGN "Three splits"),
+the winner trained with the ``pruned`` recipe.
 
 Instead of MetaPruning's PruningNet (a hypernetwork that generates the weights of any candidate), candidates
 inherit the dense weights: torch-pruning's DependencyGraph (Fang et al., CVPR 2023) finds the coupled channels
@@ -33,24 +34,30 @@ from .config import ConfigError
 from .counting import macs, params
 from .data import build_datasets, build_loaders
 from .models import create_model
-from .train import device, evaluate, is_main, train_stage
+from .train import Recipe, device, evaluate, is_main, train_stage
 
 log = logging.getLogger(__name__)
 
-def _mpc_latency(config: dict) -> Callable[[nn.Module], float]:
-    """Estimated two-party latency (CrypTen cost model, ``mpc.network`` preset) of a timm or plain network."""
-    from .mpc.cost import estimate
+def _mpc_comm(config: dict) -> Callable[[nn.Module], float]:
+    """Two-party communication time of a timm or plain network: CrypTen's exact bytes B and rounds R (the cost
+    model) at the ``mpc.network`` preset, ``R·RTT + (B/2)·8/bandwidth`` seconds, without the cost model's
+    fitted compute term (the budget matches the bytes and rounds the plots show, not a box-specific fit)."""
+    from .mpc.cost import NETWORKS, estimate
     from .mpc.engine import as_plain
 
     size, network = config["data"]["image_size"], config["mpc"]["network"]
-    return lambda model: estimate(as_plain(copy.deepcopy(model).cpu()), size, network)["latency_s"]
+    if NETWORKS[network].rtt_s == 0 and math.isinf(NETWORKS[network].bandwidth_bit_s):
+        raise ConfigError(f"mpc.network: '{network}' costs no communication; the mpc budget needs lan or wan")
+    return lambda model: estimate(as_plain(copy.deepcopy(model).cpu()), size, network, compute_s=0.0)["latency_s"]
 
 
 COSTS: dict[str, Callable[[dict], Callable[[nn.Module], float]]] = {
     "macs": lambda config: lambda model: float(macs(model, config["data"]["image_size"])),
     "params": lambda config: lambda model: float(params(model)),
-    "mpc": _mpc_latency,
+    "mpc": _mpc_comm,
 }
+COST_NAMES = {"macs": "multiply-accumulates at data.image_size", "params": "parameters",
+              "mpc": "CrypTen cost model: rounds x RTT + bytes / bandwidth at mpc.network {network}, no compute term"}
 
 
 def stages(model: nn.Module) -> list[str]:
@@ -155,16 +162,18 @@ def recalibrate_bn(model: nn.Module, batches) -> None:
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """The ``metapruning`` config section: evolution, gene grid, budget fit and scoring data."""
-    population: int = 6  # candidates per generation
-    generations: int = 3  # the first is the uniform profile plus random ones
+    population: int = 8  # candidates per generation
+    generations: int = 4  # the first is the uniform profile plus random ones
     parents: int = 3  # best candidates so far that breed the next generation
     mutation_prob: float = 0.2  # chance that a gene of a mutated child is redrawn
     min_width: float = 0.1  # gene grid: min_width, min_width + width_step, ..., 1.0
     width_step: float = 0.1
     round_to: int = 8  # kept channels are multiples of this
     tolerance: float = 0.03  # a candidate's cost lands in [(1 - tolerance) * budget, budget] when it can
-    holdout_images: int = 256  # training images that score candidates (at most half the training set)
-    calibration_batches: int = 2  # other training batches that recalibrate BatchNorm
+    holdout_images: int = 256  # images of the selection split that score candidates (the first ones)
+    calibration_batches: int = 2  # training batches that recalibrate BatchNorm
+    adapt_steps: int = 20  # SGD steps on training batches before scoring (a stand-in for PruningNet's weights)
+    adapt_lr: float | None = None  # None: the ``pruned`` stage's (batch-scaled) learning rate
 
     @classmethod
     def from_config(cls, config: dict) -> "SearchConfig":
@@ -276,18 +285,39 @@ def search(dense: nn.Module, budget: float, score: Callable[[nn.Module], dict],
     return best[0], best[1], history
 
 
-def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn.Module], dict]:
-    """Recalibrate BatchNorm on ``calibration_batches`` training batches, then top-1 on ``holdout_images``
-    other training images (never the validation set that results report)."""
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = min(cfg.holdout_images, len(order) // 2)
-    holdout = DataLoader(Subset(train_set, order[:n]), batch_size=data["eval_batch_size"],
-                         num_workers=data["workers"])
-    calibration = DataLoader(Subset(train_set, order[n:n + cfg.calibration_batches * data["batch_size"]]),
+def adapt(model: nn.Module, batches, lr: float) -> None:
+    """A few SGD steps (momentum 0.9, cross-entropy) on ``batches``: MetaPruning scores each candidate with the
+    weights its trained PruningNet generates; cut dense weights far from the dense width score near chance
+    until they have adapted a little."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    dev = next(model.parameters()).device
+    model.train()
+    for images, targets in batches:
+        loss = nn.functional.cross_entropy(model(images.to(dev)), targets.to(dev))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def _scorer(splits, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn.Module], dict]:
+    """Score a candidate: a copy adapts for ``adapt_steps`` seeded training batches (the same for every
+    candidate), BatchNorm is recalibrated on ``calibration_batches`` training batches, then top-1 on the first
+    ``holdout_images`` of the selection split (carved from the training data, never trained on; never the test
+    split that results report). The candidate itself keeps its cut dense weights."""
+    select = Subset(splits.select, range(min(cfg.holdout_images, len(splits.select))))
+    holdout = DataLoader(select, batch_size=data["eval_batch_size"], num_workers=data["workers"])
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    calibration = DataLoader(Subset(splits.train, order[:cfg.calibration_batches * data["batch_size"]]),
                              batch_size=data["batch_size"], num_workers=data["workers"])
+    adapt_images = [order[i % len(order)] for i in range(cfg.adapt_steps * data["batch_size"])]
+    adaptation = DataLoader(Subset(splits.train, adapt_images), batch_size=data["batch_size"],
+                            num_workers=data["workers"])
 
     def score(model: nn.Module) -> dict:
         torch.manual_seed(seed)  # random training transforms draw the same for every candidate
+        if cfg.adapt_steps:
+            model = copy.deepcopy(model)
+            adapt(model, adaptation, cfg.adapt_lr)
         recalibrate_bn(model, calibration)
         return evaluate(model, holdout)
 
@@ -297,21 +327,25 @@ def _scorer(train_set, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn
 def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: float, cost: str = "macs",
               at_least_narrowest: bool = False) -> dict:
     """Search the widths of the dense network under ``budget`` (a fraction of the dense ``cost``: ``macs`` at
-    ``data.image_size``, ``params`` or ``mpc``, the estimated two-party latency), then train the winner with
+    ``data.image_size``, ``params`` or ``mpc``, the two-party communication time of CrypTen's bytes and rounds
+    at ``mpc.network``, see ``_mpc_comm``), then train the winner with
     the ``pruned`` recipe (distilled from the dense teacher when ``stages.distill.enabled``); writes ``out``
     and its ``.json`` with the search result. A budget below the narrowest network's cost is an error, or,
     with ``at_least_narrowest`` (a budget matched to another method's network), is raised to that cost and
-    recorded: channel pruning keeps every activation layer, so under MPC it may not get as cheap at all."""
+    recorded (``budget_raised``, ``budget_requested``, also under ``row``, the summary's extra columns):
+    channel pruning keeps every activation layer, so under MPC it may not get as cheap at all."""
     if not 0 < budget <= 1:
         raise ConfigError(f"metapruning budget {budget}: must be a fraction of the dense cost in (0, 1]")
     if cost not in COSTS:
         raise ConfigError(f"metapruning cost '{cost}': unknown (known: {', '.join(COSTS)})")
     cfg = SearchConfig.from_config(config)
+    if cfg.adapt_lr is None:
+        cfg = dataclasses.replace(cfg, adapt_lr=Recipe.from_config(config, "pruned").lr)
     teacher, spec = load_model(dense_ckpt)
     teacher.to(device())
     cost_fn = COSTS[cost](config)
     dense_cost = cost_fn(teacher)
-    score = _scorer(build_datasets(config["data"], config["seed"]).train, cfg, config["data"], config["seed"])
+    score = _scorer(build_datasets(config["data"], config["seed"]), cfg, config["data"], config["seed"])
     budget_cost = budget * dense_cost
     floor = narrowest_cost(teacher, cost_fn, cfg.round_to) if at_least_narrowest else 0.0
     raised = budget_cost < floor
@@ -326,10 +360,16 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     metrics = train_stage(config, "pruned", student, pruned_spec(spec, student), out,
                           build_loaders(config["data"], config["seed"]), teacher=teacher if distill else None,
                           distill=distill, desc=f"metapruning {budget}")
-    metrics["search"] = {"cost": cost, "budget": budget, "budget_cost": budget_cost, "raised_to_narrowest": raised,
+    flags = {"budget_raised": raised, "budget_requested": budget,
+             "budget_used": budget_cost / dense_cost}  # a raised budget reaches summary.csv through "row"
+    metrics |= {**flags, "row": flags}
+    metrics["search"] = {"cost": cost, "cost_definition": COST_NAMES[cost].format(network=config["mpc"]["network"]),
+                         "budget": budget, "budget_cost": budget_cost, "raised_to_narrowest": raised,
                          "dense_cost": dense_cost, "winner_cost": best["cost"],
+                         "uniform_select_top1": history[0]["top1"],  # the first candidate: the uniform profile
                          "genes": dict(zip(stages(teacher), best["genes"])), "widths": best["widths"],
-                         "holdout_top1": best["top1"], "candidates": len(history), "seconds": seconds,
+                         "select_top1": best["top1"], "candidates": len(history), "seconds": seconds,
+                         "search_config": dataclasses.asdict(cfg),
                          "history": history}
     if is_main():
         write_json(Path(out).with_suffix(".json"), metrics)

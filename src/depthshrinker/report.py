@@ -85,7 +85,8 @@ def cell_row(method: str, granularity: str, keep_ratio: float, model: str | Path
         raise ConfigError(f"{metrics_path}: no 'top1' (not the metrics of a trained model)")
     row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio), "seed": seed,
            "config_hash": config_hash, "top1": metrics["top1"],
-           **({"test_images": metrics["test_images"]} if "test_images" in metrics else {}), "checkpoint": str(model)}
+           **({"test_images": metrics["test_images"]} if "test_images" in metrics else {}), "checkpoint": str(model),
+           **metrics.get("row", {})}  # what a training stage flags for the summary (a raised budget, a missed one)
     loaded = []
     for part in parts:
         data = read_json(part)

@@ -5,6 +5,9 @@ per-step cosine schedule, label smoothing, global gradient-norm clipping, option
 (``alpha * T² * KL(teacher ‖ student) + (1 - alpha) * CE``, Hinton et al. 2015), optional autocast and
 channels_last, DistributedDataParallel when torch.distributed is initialised (torchrun). Seeded per epoch,
 so a run resumed from its last checkpoint (written atomically after every epoch) follows the same trajectory.
+
+SNL's soft masks (parameters named ``alpha``) train in their own Adam optimiser at a constant ``mask_lr``
+(Cho et al. 2022, Algorithm 1), outside the weights' gradient clip and schedule, when the recipe sets one.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +49,7 @@ class Recipe:
     channels_last: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
+    mask_lr: float | None = None  # SNL masks (``alpha``) in their own Adam at this lr; None: with the weights
 
     @classmethod
     def from_config(cls, config: dict, stage: str, distill: bool = False) -> "Recipe":
@@ -87,13 +91,30 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and kernels only: 1-D parameters (biases, BN, gate scores) are exempt."""
+def is_mask_param(name: str) -> bool:
+    """SNL's soft masks, the parameters a recipe with ``mask_lr`` trains in their own Adam optimiser."""
+    return name.rsplit(".", 1)[-1] == "alpha"
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude: Callable[[str], bool] = lambda name: False
+                 ) -> list[dict]:
+    """Weight decay on weight matrices and kernels only: 1-D parameters (biases, BN, gate scores) are exempt;
+    parameters whose name ``exclude`` accepts are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and not exclude(name):
             (no_decay if p.ndim <= 1 or is_gate_param(name) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizers(model: nn.Module, recipe: Recipe) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """(SGD over the weights, Adam over SNL's masks or None): without ``recipe.mask_lr`` everything is in SGD."""
+    split = recipe.mask_lr is not None
+    groups = param_groups(model, recipe.weight_decay, is_mask_param if split else lambda name: False)
+    sgd = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0)
+    masks = [p for name, p in model.named_parameters() if p.requires_grad and is_mask_param(name)]
+    return sgd, (torch.optim.Adam(masks, lr=recipe.mask_lr) if split and masks else None)
 
 
 def cosine_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
@@ -163,14 +184,16 @@ def fingerprint(recipe: Recipe, identity: dict) -> str:
 
 def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path: str | Path, *,
         teacher: nn.Module | None = None, regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
-        on_epoch_end: Callable[[int, nn.Module, dict], bool] | None = None, identity: dict | None = None,
+        on_epoch_end: Callable[[int, nn.Module, dict], bool] | None = None,
+        stop_step: Callable[[nn.Module], bool] | None = None, identity: dict | None = None,
         seed: int = 0, desc: str = "train") -> list[dict]:
     """Train ``model`` in place for ``recipe.epochs`` and return the per-epoch history.
 
     ``resume_path`` holds the last finished epoch (written atomically each epoch, removed by the caller when
     the stage's output is written); a run with the same recipe and ``identity`` resumes from it.
     ``regularizer(model)`` is added to the loss; ``on_epoch_end(epoch, model, record)`` may return True to
-    stop early (SNL's budget)."""
+    stop early (SNL's budget); ``stop_step(model)``, asked after every step, may end the epoch there (the
+    record gets ``stopped_at_step``) and then the run once ``on_epoch_end`` agrees."""
     dev = device()
     model.to(dev)
     if recipe.channels_last:
@@ -180,8 +203,8 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
         if recipe.channels_last:
             teacher.to(memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
-    optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov and recipe.momentum > 0)
+    optimizer, mask_optimizer = optimizers(model, recipe)
+    clipped = [p for group in optimizer.param_groups for p in group["params"]]
     steps = len(train_loader)
     if steps == 0:
         raise ValueError("the training set has fewer images than one batch (data.batch_size)")
@@ -196,6 +219,8 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
         if state.get("fingerprint") == key:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if mask_optimizer is not None:
+                mask_optimizer.load_state_dict(state["mask_optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             start, history = state["epoch"], state["history"]
@@ -213,10 +238,10 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
             train_loader.sampler.set_epoch(epoch)
         net.train()
         total = torch.zeros((), device=dev)
-        seen, tic = 0, time.perf_counter()
+        seen, step_stop, tic = 0, None, time.perf_counter()
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{recipe.epochs}", leave=False, disable=None,
                    mininterval=1.0)
-        for images, targets in bar:
+        for step, (images, targets) in enumerate(bar, 1):
             images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
             if recipe.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -229,27 +254,38 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
                 if regularizer is not None:
                     loss = loss + regularizer(model)
             optimizer.zero_grad(set_to_none=True)
+            if mask_optimizer is not None:
+                mask_optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if recipe.grad_clip:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                nn.utils.clip_grad_norm_(clipped, recipe.grad_clip)
             scaler.step(optimizer)
+            if mask_optimizer is not None:
+                scaler.step(mask_optimizer)
             scaler.update()
             scheduler.step()
             total += loss.detach()
             seen += targets.numel()
+            if stop_step is not None and stop_step(model):
+                step_stop = step
+                break
         loss_sum = total.item()  # waits for queued GPU work, so that the elapsed time is the real one
         elapsed = time.perf_counter() - tic
-        train_loss, batches, seen_all = _sum_across_ranks(loss_sum, steps, seen)
+        batches_run = step_stop or steps
+        train_loss, batches, seen_all = _sum_across_ranks(loss_sum, batches_run, seen)
         record = {"epoch": epoch + 1, "train_loss": train_loss / batches,
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed,
                   **{f"val_{k}": v for k, v in evaluate(model, val_loader, recipe).items()}}
+        if step_stop is not None:
+            record["stopped_at_step"] = step_stop
         stop = bool(on_epoch_end(epoch, model, record)) if on_epoch_end else False
         history.append(record)
         log.info("%s epoch %d/%d: loss %.4f, val top-1 %.2f %%, %.0f img/s", desc, epoch + 1, recipe.epochs,
                  record["train_loss"], record["val_top1"], record["images_per_s"])
         if is_main():
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         **({"mask_optimizer": mask_optimizer.state_dict()} if mask_optimizer else {}),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch + 1, "history": history, "fingerprint": key, "stopped": stop},
                         resume_path)
@@ -263,21 +299,25 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
 
 
 def train_stage(config: dict, stage: str, model: nn.Module, spec: dict, out: str | Path, loaders, *,
-                teacher: nn.Module | None = None, regularizer=None, on_epoch_end=None, distill: bool = False,
-                desc: str | None = None) -> dict:
-    """Train one stage (``stages.<stage>`` recipe), then write ``out`` (state_dict + spec + history) and
-    ``out`` with suffix ``.json`` (the metrics), and drop the resume file ``<out>.last``."""
+                teacher: nn.Module | None = None, regularizer=None, on_epoch_end=None, stop_step=None,
+                distill: bool = False, desc: str | None = None, recipe_overrides: dict | None = None,
+                extra_metrics: Callable[[list[dict]], dict] | None = None) -> dict:
+    """Train one stage (``stages.<stage>`` recipe, with ``recipe_overrides``), then write ``out`` (state_dict +
+    spec + history) and ``out`` with suffix ``.json`` (the metrics: top-1 on the ``test_images`` held-out
+    images, plus ``extra_metrics(history)``), and drop the resume file ``<out>.last``."""
     from .checkpoint import save, write_json
 
     out = Path(out)
     train_loader, val_loader, _ = loaders
-    recipe = Recipe.from_config(config, stage, distill=distill)
+    recipe = replace(Recipe.from_config(config, stage, distill=distill), **(recipe_overrides or {}))
     resume = out.with_name(out.name + ".last")
     identity = {"stage": stage, "spec": spec, "data": config["data"], "seed": config["seed"]}
     history = fit(model, train_loader, val_loader, recipe, resume, teacher=teacher, regularizer=regularizer,
-                  on_epoch_end=on_epoch_end, identity=identity, seed=config["seed"], desc=desc or stage)
-    metrics = {"stage": stage, "top1": history[-1]["val_top1"], "epochs": len(history),
-               "recipe": asdict(recipe), "history": history}
+                  on_epoch_end=on_epoch_end, stop_step=stop_step, identity=identity, seed=config["seed"],
+                  desc=desc or stage)
+    metrics = {"stage": stage, "top1": history[-1]["val_top1"], "test_images": len(val_loader.dataset),
+               "epochs": len(history),
+               "recipe": asdict(recipe), **(extra_metrics(history) if extra_metrics else {}), "history": history}
     if is_main():
         save(out, model.cpu(), spec, metrics=json.dumps(metrics))
         write_json(out.with_suffix(".json"), metrics)

@@ -55,6 +55,7 @@ rule finetune:
     input:
         dense=DENSE,
         mask=f"{CELL}/mask.json",
+        search=f"{CELL}/search.pt",  # SNL element finetunes from the searched weights (mask.json's `init`)
     output:
         model=f"{CELL}/model.pt",
         metrics=f"{CELL}/model.json",
