@@ -1,5 +1,7 @@
 """CrypTen two-party latency of dense vs DepthShrinker-style activation-removed MobileNetV2 (and merged, when
-``depthshrinker.merge`` is importable), interleaved in one pair of party processes.
+``depthshrinker.merge`` is importable), interleaved in one set of processes (model owner, client, dealer).
+Online (party-to-party) and preprocessing (dealer) phases are timed and counted separately; ``--provider tfp``
+(or ``both``) adds CrypTen's trusted-first-party mode, a cost simulation in which the owner deals.
 
 Keep ratio 0.4 of the 19 block units keeps round(0.4·19) = 8 activations, chosen two ways: ``upstream``
 (stem, blocks 4-5 and the last five units, like upstream patterns B/D) and ``mpc`` (the 8 units whose removal
@@ -7,19 +9,31 @@ saves least under the cost model, ``cost.unit_table``). Weights are the offline 
 their package is missing), BatchNorm folded, not finetuned: latency, bytes and rounds do not depend on the
 values. Speed-ups are medians (and IQR) of per-run ratios to the dense network timed in the same run.
 
-    python benchmarks/bench_mpc.py --input-size 32 --runs 5
+    python benchmarks/bench_mpc.py --input-size 32 --runs 5 --provider both
+    python benchmarks/bench_mpc.py --rate 100mbit --runs 1   # bandwidth-limited loopback (needs root + unshare)
     python benchmarks/bench_mpc.py --calibrate      # fit cost.SECONDS_PER_* on synthetic nets
+
+``--rate`` re-runs this script in a private network namespace (``unshare -n``), measures the networks on the
+free loopback, then adds a token bucket to it (``tc qdisc add dev lo root tbf rate R burst 1mbit latency
+400ms``; this kernel has tbf, not netem) and measures again. The bucket must hold one loopback segment (64 KB):
+with ``burst 32kbit`` (4 KB) gloo's TCP streams stall for good. The loopback's one queue carries both directions
+and the dealer's traffic, so the estimate of the limited run is the free run's time + bytes·8/R (online: the
+per-party sent + received count B; preprocessing: the dealer's randomness + control bytes). Where namespaces
+are not allowed the run is skipped with a message (exit code 0).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
 
 from depthshrinker.gates import apply_keep, num_kept
 from depthshrinker.models import activation_units, create_model
-from depthshrinker.mpc import cost, measure_many
+from depthshrinker.mpc import PROVIDERS, cost, measure_many
 from depthshrinker.plain import PlainNet, to_plain
 
 UPSTREAM_04 = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
@@ -63,19 +77,78 @@ def iqr(values: np.ndarray) -> float:
 
 
 def report(nets: dict, results: dict, input_size: int) -> None:
+    """One row per network: counts (measured, and whether the cost model predicts them exactly), online and
+    preprocessing medians [IQR], the online speed-up over dense (median [IQR] of per-run ratios) and estimates."""
     dense = np.array(results["dense"]["mpc_latency_runs_s"])
-    print(f"{'network':<22}{'ReLU6 el.':>10}{'act lay.':>9}{'MB':>9}{'rounds':>7}{'model ok':>9}"
-          f"{'latency s [IQR]':>18}{'speed-up [IQR]':>17}{'loopback est':>13}{'LAN est':>9}{'WAN est':>9}"
-          f"{'max err':>9}")
+    print(f"{'network':<22}{'ReLU6 el.':>10}{'act':>4}{'MB':>8}{'rounds':>7}{'pre MB':>8}{'req':>5}{'exact':>6}"
+          f"{'online s [IQR]':>16}{'speed-up [IQR]':>16}{'preproc s [IQR]':>17}{'LAN est':>8}{'WAN est':>8}"
+          f"{'rel err':>9}")
     for name, r in results.items():
         c = cost.count(nets[name], input_size)
         ratios = dense / np.array(r["mpc_latency_runs_s"])
-        ok = c.bytes == r["mpc_bytes"] and c.rounds == r["mpc_rounds"]
-        est = {n: cost.estimate(nets[name], input_size, n)["latency_s"] for n in ("loopback", "lan", "wan")}
-        print(f"{name:<22}{c.relu6:>10}{c.act_layers:>9}{r['mpc_comm_mb']:>9.1f}{r['mpc_rounds']:>7}{str(ok):>9}"
-              f"{r['mpc_latency_s']:>9.2f} [{r['mpc_latency_iqr_s']:.2f}]"
-              f"{np.median(ratios):>10.2f}x [{iqr(ratios):.2f}]"
-              f"{est['loopback']:>12.2f}s{est['lan']:>8.2f}s{est['wan']:>8.1f}s{r['max_abs_err']:>9.1e}")
+        ok = (c.bytes, c.rounds) == (r["mpc_bytes"], r["mpc_rounds"]) and (
+            not r["mpc_private"] or (c.preproc_bytes, c.preproc_requests) == (r["mpc_preproc_bytes"],
+                                                                             r["mpc_preproc_requests"]))
+        est = {n: cost.estimate(nets[name], input_size, n)["latency_s"] for n in ("lan", "wan")}
+        print(f"{name:<22}{c.relu6:>10}{c.act_layers:>4}{r['mpc_comm_mb']:>8.1f}{r['mpc_rounds']:>7}"
+              f"{r['mpc_preproc_mb']:>8.1f}{r['mpc_preproc_requests']:>5}{str(ok):>6}"
+              f"{r['mpc_latency_s']:>9.2f} [{r['mpc_latency_iqr_s']:.2f}]{np.median(ratios):>9.2f}x [{iqr(ratios):.2f}]"
+              f"{r['mpc_preproc_s']:>10.2f} [{r['mpc_preproc_iqr_s']:.2f}]"
+              f"{est['lan']:>7.2f}s{est['wan']:>7.1f}s{r['mpc_rel_err']:>9.1e}")
+
+
+def run(nets: dict, args, provider: str, label: str = "loopback") -> dict:
+    results = measure_many(nets, args.input_size, runs=args.runs, threads=args.threads, timeout=3600,
+                           provider=provider, tol=1.0)
+    print(f"\nCrypTen 0.4.1, provider {provider} ({PROVIDERS[provider]}), {label}, {args.threads} thread(s) per "
+          f"process, {args.input_size}x{args.input_size}, {args.runs} runs after the tracing pass, interleaved; "
+          "MB and rounds per party (online), MB and requests dealer -> owner (preprocessing)")
+    report(nets, results, args.input_size)
+    return results
+
+
+def rate_limited(nets: dict, args) -> None:
+    """Inside a private network namespace: free loopback, then a token bucket of ``args.rate`` on it."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    free = run(nets, args, "ttp", "free loopback in a private namespace")
+    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.rate, "burst", args.burst,
+                    "latency", "400ms"], check=True)
+    rate = parse_rate(args.rate)
+    limited = run(nets, args, "ttp", f"loopback limited to {args.rate} (tbf, burst {args.burst})")
+    print(f"\nmeasured at {args.rate} vs estimate = free-loopback time + bytes*8/{rate:.3g} bit/s (one queue, both "
+          "directions)")
+    print(f"{'network':<22}{'online s':>9}{'est.':>8}{'ratio':>7}{'preproc s':>10}{'est.':>8}{'ratio':>7}")
+    for name, r in limited.items():
+        c = cost.count(nets[name], args.input_size)
+        online = cost.latency(c, cost.Network(0.0, rate / 2), compute_s=free[name]["mpc_latency_s"])
+        dealer_bytes = r["mpc_preproc_bytes"] + r["mpc_preproc_control_bytes"]
+        pre = free[name]["mpc_preproc_s"] + dealer_bytes * 8 / rate
+        print(f"{name:<22}{r['mpc_latency_s']:>9.2f}{online:>8.2f}{r['mpc_latency_s'] / online:>7.2f}"
+              f"{r['mpc_preproc_s']:>10.2f}{pre:>8.2f}{r['mpc_preproc_s'] / pre:>7.2f}")
+
+
+def parse_rate(text: str) -> float:
+    """tc's rate syntax (``100mbit``, ``1gbit``, ``500kbit``) in bit/s."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1.0}
+    for unit, scale in units.items():
+        if text.lower().endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise SystemExit(f"--rate {text!r}: use tc's syntax, e.g. 100mbit")
+
+
+def in_namespace(argv: list[str]) -> None:
+    """Re-run this script in a private network namespace, or say why it cannot."""
+    command = ["unshare", "-n", sys.executable, *argv]
+    try:
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        why = "unshare not found" if probe is None else probe.stderr.strip() or f"exit code {probe.returncode}"
+        print(f"SKIPPED: the bandwidth-limited run needs a private network namespace (root and `unshare -n`); "
+              f"here: {why}")
+        return
+    raise SystemExit(subprocess.run(command, env=dict(os.environ, DEPTHSHRINKER_NETNS="1")).returncode)
 
 
 def synthetic(kind: str) -> PlainNet:
@@ -104,6 +177,7 @@ def calibrate(input_size: int, runs: int) -> None:
     print(f"SECONDS_PER_COMPARISON = {coef[0]:.3g}\nSECONDS_PER_MAC = {coef[1]:.3g}\nSECONDS_PER_ROUND = {coef[2]:.3g}")
     for (name, r), fit in zip(results.items(), a @ coef):
         print(f"{name:<12} measured {r['mpc_latency_s']:.2f} s [IQR {r['mpc_latency_iqr_s']:.2f}], fit {fit:.2f} s")
+    # (online phase only: the tuples come from the preprocessing, timed apart)
 
 
 def main() -> None:
@@ -111,17 +185,35 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep-ratio", type=float, default=0.4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--provider", choices=["ttp", "tfp", "both"], default="ttp",
+                        help="ttp: separate dealer (private); tfp: the owner deals (cost simulation); both: one then "
+                             "the other, with the dealer's overhead")
+    parser.add_argument("--rate", help="also measure on a loopback limited to this rate (tc syntax, e.g. 100mbit)")
+    parser.add_argument("--burst", default="1mbit", help="tbf bucket (>= 64 KB, loopback's segment size)")
+    parser.add_argument("--only", nargs="+", help="measure only these networks (e.g. dense 'mpc 0.4 merged')")
     parser.add_argument("--calibrate", action="store_true")
     args = parser.parse_args()
     if args.calibrate:
         calibrate(args.input_size, args.runs)
         return
+    if args.rate and not os.environ.get("DEPTHSHRINKER_NETNS"):
+        in_namespace(sys.argv)
+        return
     nets = networks(args.input_size, args.keep_ratio)
-    results = measure_many(nets, args.input_size, runs=args.runs, threads=args.threads, timeout=3600)
-    print(f"CrypTen 0.4.1, 2 parties on loopback, {args.threads} thread(s) each, {args.input_size}x{args.input_size}, "
-          f"{args.runs} runs + 1 warm-up, interleaved; MB and rounds per party")
-    report(nets, results, args.input_size)
+    if args.only:
+        nets = {name: net for name, net in nets.items() if name in args.only}
+        assert "dense" in nets, "--only must keep dense (the reference of the speed-ups)"
+    if args.rate:
+        rate_limited(nets, args)
+        return
+    results = {p: run(nets, args, p) for p in (["ttp", "tfp"] if args.provider == "both" else [args.provider])}
+    if len(results) == 2:
+        print("\ndealer overhead, TTP / TFP (medians): online, preprocessing, online + preprocessing")
+        for name in nets:
+            ttp, tfp = results["ttp"][name], results["tfp"][name]
+            print(f"{name:<22}{ttp['mpc_latency_s'] / tfp['mpc_latency_s']:>6.2f}x"
+                  f"{ttp['mpc_preproc_s'] / tfp['mpc_preproc_s']:>8.2f}x{ttp['mpc_e2e_s'] / tfp['mpc_e2e_s']:>8.2f}x")
 
 
 if __name__ == "__main__":

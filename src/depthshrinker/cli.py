@@ -235,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     s = add("summarize", cmd_summarize, "collect cell rows (JSON) into a summary CSV")
     s.add_argument("rows", nargs="+", help="per-cell row JSON files")
     s.add_argument("--out", required=True)
-    s = add("aggregate", cmd_aggregate, "per-cell mean, std, n and 95 % interval over seeds of a summary CSV")
+    s = add("aggregate", cmd_aggregate, "per-cell mean, std, n and 95 %% interval over seeds of a summary CSV")
     s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
     s.add_argument("--out", required=True, help="aggregate CSV to write (e.g. results/summary_by_cell.csv)")
     s.add_argument("--test-images", type=int, default=None,

@@ -112,7 +112,8 @@ def _write_csv(table: pd.DataFrame, out: str | Path) -> None:
 def summarize(row_files: list[str | Path], out: str | Path) -> pd.DataFrame:
     """Concatenate the per-(cell, seed) rows into a CSV with the contract columns first, sorted by method,
     granularity, keep ratio and seed; two rows for the same cell and seed are an error."""
-    table = pd.DataFrame([read_json(f) for f in row_files])
+    rows = [read_json(f) for f in row_files]
+    table = pd.DataFrame([{k: v for k, v in row.items() if k != "provenance"} for row in rows])  # config_hash stays
     for column in COLUMNS:
         if column not in table:
             table[column] = pd.NA

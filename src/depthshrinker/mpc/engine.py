@@ -1,44 +1,61 @@
 """Two-party secure inference of a PlainNet under CrypTen 0.4.1, without ONNX (REFERENCE.md §2, "MPC cost").
 
-The two parties are two local processes on loopback (gloo backend, a free TCP port per call) running
-CrypTen's default trusted-first-party (TFP) provider: rank 0 deals the Beaver triples and other correlated
-randomness without communicating, as a trusted dealer would offline, so what is measured is the online
-phase. The model owner (rank 0) secret-shares the parameters once; in every run the client (rank 1)
-secret-shares its image, both parties evaluate each layer with CrypTen's own ops (Beaver ``conv2d``/``matmul``,
-public additions, ``relu``, ReLU6 as ``hardtanh(0, 6)`` = two comparisons stacked into one call, mean pooling
-by a public divisor) and the logits are revealed to the client only.
+Threat model (``provider="ttp"``, the default): semi-honest two-party inference. The model owner (rank 0)
+holds the weights, the client (rank 1) holds the image, and a **separate dealer process** (rank 2, CrypTen's
+trusted-third-party provider, never a party) deals the correlated randomness (Beaver triples, B2A bits). Each
+party shares a PRNG seed with the dealer; the dealer sends the owner the correction share of every tuple, the
+client derives its shares from its seed alone. Neither party sees a mask the other uses: the owner's view of an
+opened ``x − a`` is masked by the client's share of ``a`` (and the client's view of ``W − b`` by the owner's),
+so neither can rebuild the other's secret, as long as the dealer colludes with neither. The owner learns the
+input's shape, the client the network's architecture (the spec, public); only the client gets the logits.
 
-One run spans input sharing to revealed logits. Its latency is the slower party's wall time after a common
-barrier; bytes and rounds are CrypTen's per-party counters over the same window (a party's sent + received
-bytes; equal for both parties: for two parties, all the traffic on the link). Runs of several networks are
-interleaved (order rotated every run) in one pair of processes, so their ratios share the machine state.
+``provider="tfp"`` is a **cost simulation, not private inference**: CrypTen's trusted-first-party provider lets
+rank 0, the model owner, generate every tuple in plaintext, so it knows ``a`` in every opened ``x − a`` and
+learns the client's image. Its online bytes, rounds and time are the same as with the dealer.
+
+Each run has two timed phases, with a barrier before each:
+
+* **preprocessing**: the tuples one inference needs (traced once per network in an untimed first pass) are
+  generated into CrypTen's tuple cache: with TTP, the owner sends the dealer all of one inference's tuple
+  requests in one message and gets every correction share back in one reply (CrypTen's own TTP code makes
+  the requests and the tuples; only their transport is batched), the client draws its shares from its seed;
+  no party-to-party traffic. Counted: tuple requests, the bytes of randomness the dealer sends (8 B per ring
+  element) and the control bytes (pickled requests and replies). The tracing pass uses CrypTen's
+  one-round-trip-per-request transport.
+* **online**: the client secret-shares its image, both parties evaluate each layer with CrypTen's own ops
+  (Beaver ``conv2d``/``matmul``, public additions, ``relu``, ReLU6 as ``hardtanh(0, 6)``, mean pooling by a
+  public divisor) using only cached tuples (checked: no dealer contact, no tuple left over), and the logits
+  are revealed to the client. Bytes and rounds are CrypTen's per-party counters (sent + received; equal for
+  both parties: for two parties, all the traffic on the link).
+
+A phase's latency is the slower party's wall time. Several networks are interleaved (order rotated every run)
+in one set of processes, so their ratios share the machine state. The processes meet through a rendezvous
+file in a private temporary folder (no port is reserved; gloo binds its own), exit when their caller dies, and
+every failure (a raise, a signal, a clean exit before writing the result, a hang past ``timeout``) becomes one
+``MPCError`` that names the process and quotes its log.
+
+The child processes' code is in ``party``, their supervision in ``processes``.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..bits import decode_bits
 from . import cost
-from .compat import MPCError, import_crypten
+from .compat import MPCError
+from .party import CLIENT, DEALER, FAULT_ENV, NAMES, OWNER, ROLES, SPY_ENV, secure_act, secure_forward
+from .processes import Processes
 
-OWNER, CLIENT = 0, 1
-PARTIES = ("model owner", "client")
-SECURE_ACTS = {"none": lambda x: x, "relu": lambda x: x.relu(), "relu6": lambda x: x.hardtanh(0, 6)}
-ENTRY = "from depthshrinker.mpc.engine import _party_main; _party_main()"
+PROVIDERS = {"ttp": "private: a separate dealer process deals the correlated randomness",
+             "tfp": "cost simulation, NOT private: the model owner deals the randomness and can see the input"}
+__all__ = ["PROVIDERS", "as_plain", "measure", "measure_many", "bench_mpc", "secure_forward", "secure_act",
+           "NAMES", "ROLES", "FAULT_ENV", "SPY_ENV"]
 
 
 def as_plain(model: nn.Module) -> nn.Module:
@@ -53,203 +70,81 @@ def as_plain(model: nn.Module) -> nn.Module:
                    "EfficientNet-Lite model")
 
 
-def secure_act(y, conv: dict):
-    """The activation of a conv spec on a CrypTensor; with an SNL mask (public), only the kept elements go
-    through it: gather them by index, activate, add the difference back."""
-    act = SECURE_ACTS[conv["act"]]
-    if not conv.get("mask") or conv["act"] == "none":
-        return act(y)
-    mask = conv["mask"]
-    keep = decode_bits(mask["bits"], mask["shape"]).expand(1, *y.shape[1:]).flatten().nonzero().flatten()
-    flat = y.flatten()
-    kept = flat.index_select(0, keep)
-    return flat.index_add(0, keep, act(kept) - kept).view(y.shape)
-
-
-def secure_forward(spec: dict, params: dict, x):
-    """Mirror ``PlainNet.forward`` on CrypTensors; ``params`` maps state_dict names to shared parameters."""
-    for i, block in enumerate(spec["blocks"]):
-        y = x
-        for j, conv in enumerate(block["convs"]):
-            name = f"blocks.{i}.convs.{j}."
-            y = y.conv2d(params[name + "weight"], stride=conv["stride"], padding=conv["padding"],
-                         groups=conv["groups"])
-            y = secure_act(y + params[name + "bias"].view(1, -1, 1, 1), conv)
-        if block.get("residual"):
-            y = y + x
-        x = SECURE_ACTS[block.get("free_act", "none")](y)
-    return x.mean((2, 3)).matmul(params["classifier.weight"].t()) + params["classifier.bias"]
-
-
-# ---- one party (a child process) ----
-
-def _exit_with_parent(parent: int, workdir: Path) -> None:
-    """Exit when the caller (pid ``parent``) dies, even by SIGKILL, so that no party outlives it, and remove the
-    caller's working folder that it could not."""
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        shutil.rmtree(workdir, ignore_errors=True)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _party(rank: int, port: int, job: str, out: str, runs: int, warmup: int, threads: int, parent: int) -> None:
-    _exit_with_parent(parent, Path(job).parent)
-    torch.set_num_threads(threads)
-    crypten = import_crypten()
-    data = torch.load(job, weights_only=True)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=f"tcp://127.0.0.1:{port}",
-                      DISTRIBUTED_BACKEND="gloo")
-    crypten.init()
-    crypten.cfg.communicator.verbose = True  # CrypTen counts bytes and rounds only when verbose
-    comm = crypten.communicator.get()
-    nets = []
-    for i, spec in enumerate(json.loads(data["specs"])):
-        values = data["state_dicts"][i] if rank == OWNER else {k: torch.zeros(s) for k, s in data["shapes"][i].items()}
-        nets.append((spec, {k: crypten.cryptensor(v, src=OWNER) for k, v in values.items()}))
-    image = data["x"] if rank == CLIENT else torch.zeros(data["input_shape"].tolist())
-    times = [[] for _ in nets]
-    stats = [[] for _ in nets]
-    logits = [None for _ in nets]
-    for step in range(warmup + runs):
-        for i in [(step + k) % len(nets) for k in range(len(nets))]:  # order rotated every run
-            spec, params = nets[i]
-            comm.barrier()
-            comm.reset_communication_stats()
-            start = time.perf_counter()
-            logits[i] = secure_forward(spec, params, crypten.cryptensor(image, src=CLIENT)).get_plain_text(dst=CLIENT)
-            elapsed = time.perf_counter() - start
-            if step >= warmup:
-                counted = comm.get_communication_stats()
-                times[i].append(elapsed)
-                stats[i].append([counted["bytes"], counted["rounds"]])
-    crypten.uninit()
-    result = {"times": torch.tensor(times, dtype=torch.float64), "stats": torch.tensor(stats, dtype=torch.int64)}
-    if rank == CLIENT:
-        result["logits"] = logits
-    torch.save(result, out)
-
-
-def _party_main() -> None:
-    _party(**json.loads(sys.argv[1]))
-
-
-# ---- the caller ----
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _party_env(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")  # the parties run on CPU
-    if "GLOO_SOCKET_IFNAME" not in env and "lo" in {name for _, name in socket.if_nameindex()}:
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # keep the parties' traffic on loopback
-    return env
-
-
-def _why(proc: subprocess.Popen, log: Path) -> str:
-    code = proc.returncode
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return how + (f": {lines[-1].strip()[:300]}" if lines else "")
-
-
-def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        codes = [proc.poll() for proc in procs]
-        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
-            raise MPCError("CrypTen " + "; ".join(f"party {r} ({PARTIES[r]}) {_why(procs[r], logs[r])}"
-                                                  for r in failed))
-        if all(code == 0 for code in codes):
-            return
-        if time.monotonic() > deadline:
-            running = ", ".join(f"party {r} ({PARTIES[r]})" for r, code in enumerate(codes) if code is None)
-            raise MPCError(f"CrypTen run timed out after {timeout:g} s ({running} still running, stopped)")
-        time.sleep(0.05)
-
-
-def _reap(procs: list[subprocess.Popen]) -> None:
-    """Stop every party still running: SIGTERM, then SIGKILL after 5 s."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _start(rank: int, port: int, tmp: Path, runs: int, warmup: int, threads: int) -> subprocess.Popen:
-    args = {"rank": rank, "port": port, "job": str(tmp / f"job{rank}.pt"), "out": str(tmp / f"out{rank}.pt"),
-            "runs": runs, "warmup": warmup, "threads": threads, "parent": os.getpid()}
-    with open(tmp / f"party{rank}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args)], env=_party_env(threads),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _run_parties(nets: list[nn.Module], x: torch.Tensor, runs: int, warmup: int, threads: int,
-                 timeout: float) -> list[dict]:
+def _run(nets: list[nn.Module], x: torch.Tensor, runs: int, warmup: int, threads: int, timeout: float,
+         provider: str = "ttp") -> list[dict]:
+    """Run the processes and return their results (owner, client[, dealer])."""
+    if provider not in PROVIDERS:
+        raise MPCError(f"unknown MPC provider {provider!r}: expected one of {sorted(PROVIDERS)}")
     specs = json.dumps([net.spec for net in nets])
-    jobs = [{"specs": specs, "state_dicts": [net.state_dict() for net in nets],
-             "input_shape": torch.tensor(x.shape)},   # the owner sees the input's shape, not its values
-            {"specs": specs, "x": x,                  # the client sees the parameters' shapes, not their values
-             "shapes": [{k: list(v.shape) for k, v in net.state_dict().items()} for net in nets]}]
+    jobs = {OWNER: {"specs": specs, "state_dicts": [net.state_dict() for net in nets],
+                    "input_shape": torch.tensor(x.shape)},   # the owner gets the input's shape, not its values
+            CLIENT: {"specs": specs, "x": x,                 # the client gets the parameters' shapes only
+                     "shapes": [{k: list(v.shape) for k, v in net.state_dict().items()} for net in nets]}}
+    ranks = (OWNER, CLIENT, DEALER) if provider == "ttp" else (OWNER, CLIENT)
     with tempfile.TemporaryDirectory(prefix="depthshrinker-mpc-") as tmp:
         tmp = Path(tmp)
-        for rank, job in enumerate(jobs):
-            torch.save(job, tmp / f"job{rank}.pt")
-        port, procs = _free_port(), []
+        processes = Processes(tmp, ranks)
+        common = {"rendezvous": f"file://{tmp / 'rendezvous'}", "provider": provider, "threads": threads,
+                  "parent": os.getpid(), "workdir": str(tmp)}
         try:
-            for rank in (OWNER, CLIENT):
-                procs.append(_start(rank, port, tmp, runs, warmup, threads))
-            _wait(procs, [tmp / f"party{rank}.log" for rank in (OWNER, CLIENT)], timeout)
+            for rank in ranks:
+                args = dict(common)
+                if rank != DEALER:
+                    torch.save(jobs[rank], tmp / f"job{rank}.pt")
+                    args.update(job=str(tmp / f"job{rank}.pt"), runs=runs, warmup=warmup)
+                processes.start(rank, args, threads)
+            processes.wait(timeout)
         finally:
-            _reap(procs)
-        return [torch.load(tmp / f"out{rank}.pt", weights_only=True) for rank in (OWNER, CLIENT)]
+            processes.reap()
+        return [processes.result(rank) for rank in ranks]
 
 
-def _spread(times: np.ndarray) -> dict:
+def _spread(prefix: str, times: np.ndarray) -> dict:
     q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return {"mpc_latency_s": float(median), "mpc_latency_iqr_s": float(q3 - q1),
-            "mpc_latency_min_s": float(times.min()), "mpc_latency_max_s": float(times.max()),
-            "mpc_latency_runs_s": [float(t) for t in times]}
+    return {f"{prefix}_s": float(median), f"{prefix}_iqr_s": float(q3 - q1), f"{prefix}_min_s": float(times.min()),
+            f"{prefix}_max_s": float(times.max()), f"{prefix}_runs_s": [float(t) for t in times]}
 
 
 def measure_many(models: dict[str, nn.Module], input_size: int, runs: int = 3, warmup: int = 1,
                  timeout: float = 900.0, threads: int = 1, x: torch.Tensor | None = None, seed: int = 0,
-                 tol: float = 1e-2) -> dict[str, dict]:
-    """Secure inference of one image through each model, runs interleaved in one pair of party processes.
+                 tol: float = 1e-2, provider: str = "ttp") -> dict[str, dict]:
+    """Secure inference of one image through each model, runs interleaved in one set of processes.
 
-    Per model: ``mpc_latency_s`` (median of ``runs`` after ``warmup``), its IQR, min, max and every run,
-    ``mpc_bytes`` / ``mpc_comm_mb`` (per party, MB = 1e6 B) and ``mpc_rounds``, and ``max_abs_err`` of the
-    revealed logits against the plaintext forward. Raises MPCError when a party fails or is killed,
-    on ``timeout`` (seconds, whole call) and when the error exceeds ``tol · max(1, max |logit|)``."""
+    Per model (see docs/mpc.md for every key): the online phase's ``mpc_latency_s`` (median of ``runs`` after
+    ``warmup``; the first, tracing pass counts as a warm-up), its IQR, min, max and runs, ``mpc_bytes`` /
+    ``mpc_comm_mb`` (per party, MB = 1e6 B) and ``mpc_rounds``; the preprocessing phase's ``mpc_preproc_s``
+    (median...), ``mpc_preproc_bytes`` / ``mpc_preproc_mb`` (randomness the dealer sent),
+    ``mpc_preproc_requests`` and ``mpc_preproc_control_bytes``; ``mpc_max_abs_err`` and ``mpc_rel_err`` (its
+    ratio to the largest |plaintext logit|) and ``mpc_error_exceeded`` (``mpc_rel_err > tol``: flagged, not
+    raised, so one network does not discard the others). Raises MPCError when a process fails, hangs past
+    ``timeout`` (seconds, whole call) or is killed."""
     if runs < 1 or warmup < 0:
         raise MPCError(f"runs must be >= 1 and warmup >= 0 (got {runs}, {warmup})")
     names, nets = list(models), [as_plain(model) for model in models.values()]
     if x is None:
         x = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
-    owner, client = _run_parties(nets, x, runs, warmup, threads, timeout)
+    owner, client, *_ = _run(nets, x, runs, warmup, threads, timeout, provider)
     results = {}
     for i, (name, net) in enumerate(zip(names, nets)):
         with torch.no_grad():
             reference = net(x)
-        err, bound = float((client["logits"][i] - reference).abs().max()), tol * max(1.0, float(reference.abs().max()))
-        if not err <= bound:
-            raise MPCError(f"CrypTen output of '{name}' differs from plaintext by {err:.3g} > {bound:.3g}: values too "
-                           "large for 16-bit fixed point? (BatchNorm statistics of an untrained network)")
-        bytes_, rounds = (int(v) for v in torch.cat([owner["stats"][i], client["stats"][i]]).amax(0))
-        results[name] = {**_spread(np.maximum(owner["times"][i].numpy(), client["times"][i].numpy())),
-                         "mpc_bytes": bytes_, "mpc_comm_mb": bytes_ / 1e6, "mpc_rounds": rounds,
-                         "max_abs_err": err, "input_size": input_size, "runs": runs, "threads_per_party": threads}
+        err, scale = float((client["logits"][i] - reference).abs().max()), float(reference.abs().max())
+        rel = err / scale if scale > 0 else err
+        bytes_, rounds = (int(v) for v in torch.cat([owner["online"][i], client["online"][i]]).amax(0))
+        pre_bytes, requests, control = (int(v) for v in owner["preproc"][i][:, :3].amax(0))
+        dealer_s = float(np.median(owner["preproc"][i][:, 3].numpy()))
+        online_s = np.maximum(owner["online_s"][i].numpy(), client["online_s"][i].numpy())
+        preproc_s = np.maximum(owner["preproc_s"][i].numpy(), client["preproc_s"][i].numpy())
+        results[name] = {
+            "mpc_provider": provider, "mpc_private": provider == "ttp", "mpc_setting": PROVIDERS[provider],
+            **_spread("mpc_latency", online_s), "mpc_bytes": bytes_, "mpc_comm_mb": bytes_ / 1e6,
+            "mpc_rounds": rounds,
+            **_spread("mpc_preproc", preproc_s), "mpc_preproc_bytes": pre_bytes, "mpc_preproc_mb": pre_bytes / 1e6,
+            "mpc_preproc_requests": requests, "mpc_preproc_control_bytes": control, "mpc_preproc_dealer_s": dealer_s,
+            "mpc_preproc_p2p_bytes": int(torch.cat([owner["preproc_p2p"][i], client["preproc_p2p"][i]])[:, 0].max()),
+            "mpc_e2e_s": float(np.median(online_s + preproc_s)),
+            "mpc_max_abs_err": err, "mpc_rel_err": rel, "mpc_tolerance": tol, "mpc_error_exceeded": bool(rel > tol),
+            "mpc_input_size": input_size, "mpc_runs": runs, "mpc_threads_per_party": threads}
     return results
 
 
@@ -260,13 +155,18 @@ def measure(model: nn.Module, input_size: int, runs: int = 3, **kwargs) -> dict:
 
 def bench_mpc(ckpt_path: str | Path, out_json: str | Path, input_size: int, runs: int = 3, **kwargs) -> dict:
     """Pipeline stage: measure a checkpoint (PlainNet or timm) under CrypTen and write the JSON, with the cost
-    model's bytes/rounds next to the measured ones and its LAN/WAN latency estimates."""
+    model's online and preprocessing predictions next to the measured ones and its latency estimates."""
     from ..checkpoint import load_model, write_json
 
     net = as_plain(load_model(ckpt_path)[0])
     result = {"mpc_checkpoint": str(ckpt_path), **measure(net, input_size, runs, **kwargs)}
     predicted = cost.count(net, input_size)
+    measured = (result["mpc_bytes"], result["mpc_rounds"], result["mpc_preproc_bytes"], result["mpc_preproc_requests"])
+    model = (predicted.bytes, predicted.rounds, predicted.preproc_bytes, predicted.preproc_requests)
     result.update(model_bytes=predicted.bytes, model_rounds=predicted.rounds,
+                  model_preproc_bytes=predicted.preproc_bytes, model_preproc_requests=predicted.preproc_requests,
+                  # with TFP (no dealer) only the online figures can be compared
+                  mpc_model_exact=measured == model if result["mpc_private"] else measured[:2] == model[:2],
                   **{f"mpc_est_{name}_s": cost.estimate(net, input_size, name)["latency_s"] for name in cost.NETWORKS})
     write_json(out_json, result)
     return result
