@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .checkpoint import BUILDERS
 from .bits import decode_bits, encode_bits
@@ -98,13 +99,11 @@ BUILDERS["plain"] = PlainNet
 
 @torch.no_grad()
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of ``bn(conv(x))`` as one biased convolution."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return weight, bias
+    """(weight, bias) of ``bn(conv(x))`` as one biased convolution: ``W·γ/√(σ²+ε)``, ``β + (b − μ)·γ/√(σ²+ε)``
+    (``torch.nn.utils.fusion.fuse_conv_bn_weights``)."""
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                        bn.bias)
+    return weight.detach(), bias.detach()
 
 
 def _act_name(module: nn.Module) -> str:

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import BUILDERS, load_model, write_json
@@ -142,21 +143,10 @@ BUILDERS["pruned"] = build_pruned
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches) -> None:
-    """Re-estimate every BatchNorm's running statistics as the cumulative average over ``batches`` (train-mode
-    forward without gradients, momentum None), as MetaPruning does for each candidate."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    was_training = model.training
-    model.train()
-    dev = next(model.parameters()).device
-    for images, _ in batches:
-        model(images.to(dev))
-    model.train(was_training)
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
+    """Re-estimate every BatchNorm's running statistics as the cumulative average over ``batches`` of
+    (images, labels) (``torch.optim.swa_utils.update_bn``: train-mode forward without gradients, momentum None),
+    as MetaPruning does for each candidate."""
+    update_bn(batches, model, device=next(model.parameters()).device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,8 +98,10 @@ def is_mask_param(name: str) -> bool:
 
 def param_groups(model: nn.Module, weight_decay: float, exclude: Callable[[str], bool] = lambda name: False
                  ) -> list[dict]:
-    """Weight decay on weight matrices and kernels only: 1-D parameters (biases, BN, gate scores) are exempt;
-    parameters whose name ``exclude`` accepts are left out."""
+    """Weight decay on weight matrices and kernels only: 1-D parameters (biases, BN) and gate scores are exempt;
+    parameters whose name ``exclude`` accepts are left out. Hand-written rather than timm's
+    ``param_groups_weight_decay``: that filter exempts only 1-D and ``.bias`` parameters, while SNL's channel/pixel
+    gate scores are 4-D (1×C×1×1, 1×1×H×W) and SNL element's masks must leave the SGD groups for their own Adam."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad and not exclude(name):
