@@ -45,7 +45,8 @@ def test_slurm_submit_lines_request_what_the_rules_declare(tmp_path):
     # a finished dense model and one finished mask: the next jobs are a search and a finetune
     dense = results / "dense/full/1.0/seed0"
     cell = results / "depthshrinker/block/0.4/seed0"
-    for path in (dense / "model.pt", dense / "model.json", results / "latency/mpc-block.csv", cell / "mask.json"):
+    for path in (dense / "model.pt", dense / "model.json", results / "latency/mpc-block.csv", cell / "search.pt",
+                 cell / "mask.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("placeholder\n")
     targets = [str(results / "depthshrinker/block/0.6/seed0/search.pt"), str(cell / "model.pt")]

@@ -114,7 +114,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reruns_what_a_config_change_affects(m
     # every job left a non-empty log, and every stage's JSON names the config it answers
     cell = results / "depthshrinker/block/0.5/seed0"
     logs = [log for log in results.rglob("logs/*.log")]
-    assert len(logs) >= 40 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
+    assert len(logs) == 33 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
     for name, stage in [("model.json", "finetune"), ("merge.json", "merge"), ("mpc.json", "bench-mpc"),
                         ("bench.json", "bench-device"), ("mask.json", "extract"), ("row.json", "row:depthshrinker")]:
         block = read_json(cell / name)["provenance"]
@@ -128,4 +128,5 @@ def test_tiny_pipeline_runs_end_to_end_and_reruns_what_a_config_change_affects(m
         assert planned("--configfile", str(config), str(overlay)) == expected, change
     overlay.write_text(yaml.safe_dump({"data": {"dataset": "fake"}}))
     everything = planned("--configfile", str(config), str(overlay))
-    assert everything == planned("--configfile", str(config), "--forceall")
+    forced = planned("--configfile", str(config), "--forceall")
+    assert everything == {rule: n for rule, n in forced.items() if rule != "cost_table"}  # its head has 10 classes

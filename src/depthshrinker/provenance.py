@@ -22,9 +22,9 @@ READS: dict[str, tuple[str, ...]] = {
     "train-dense": (*_TRAIN, "stages.dense"),
     "train-uniform": (*_TRAIN, "stages.uniform", "stages.distill"),
     "metaprune": (*_TRAIN, "stages.pruned", "stages.distill", "metapruning", "mpc.network"),
-    "cost-table": ("data.dataset", "data.image_size", "data.batch_size", "model", "bench", *_MERGE_PLAN),
+    "cost-table": ("data.image_size", "data.batch_size", "model", *_MERGE_PLAN),  # 10-class head: no dataset
     "search": (*_TRAIN, "stages.search", "stages.distill"),
-    "extract": ("stages.search",),
+    "extract": (),
     "finetune": (*_TRAIN, "stages.search.latency_target", "stages.finetune", "stages.distill", "mpc.network"),
     "merge": ("seed", "data", *_MERGE_PLAN),
     "bench-device": ("data.image_size", "bench"),

@@ -109,11 +109,19 @@ def _write_csv(table: pd.DataFrame, out: str | Path) -> None:
     tmp.replace(out)
 
 
+def _flat(row: dict) -> dict:
+    """A row without its provenance block (``config_hash`` already says which config it answers), keeping the
+    code revision that made it as ``git_revision`` (``-dirty`` when the tree had uncommitted changes)."""
+    block = row.pop("provenance", None) or {}
+    if block.get("git_revision"):
+        row["git_revision"] = block["git_revision"][:12] + ("-dirty" if block.get("git_dirty") else "")
+    return row
+
+
 def summarize(row_files: list[str | Path], out: str | Path) -> pd.DataFrame:
     """Concatenate the per-(cell, seed) rows into a CSV with the contract columns first, sorted by method,
     granularity, keep ratio and seed; two rows for the same cell and seed are an error."""
-    rows = [read_json(f) for f in row_files]
-    table = pd.DataFrame([{k: v for k, v in row.items() if k != "provenance"} for row in rows])  # config_hash stays
+    table = pd.DataFrame([_flat(read_json(f)) for f in row_files])
     for column in COLUMNS:
         if column not in table:
             table[column] = pd.NA
@@ -291,7 +299,8 @@ def table(by_cell_csv: str | Path, readme: str | Path | None = None, out: str | 
     cells = pd.read_csv(path)
     date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d")
     revisions = cells["git_revision"].dropna().astype(str).unique() if "git_revision" in cells else []
-    commit = ", ".join(r[:7] for r in revisions) or _git_commit(path.resolve().parent)
+    commit = ", ".join(r[:7] + ("-dirty" if r.endswith("-dirty") else "") for r in revisions) \
+        or _git_commit(path.resolve().parent)
     text = render_table(cells, date, commit)
     if out is not None:
         Path(out).write_text(text)
