@@ -73,6 +73,11 @@ def test_search_then_finetune_end_to_end(micro_config, tmp_path):
     assert spec["mask"]["keep"] == m1["keep"] and sum(m1["keep"]) == 10
     assert metrics["top1"] > 50, "10 classes: chance is 10 % (seeded: 82 % on CPU)"
     assert json.loads((tmp_path / "ft.json").read_text())["stage"] == "finetune"
+    again = finetune(micro_config, dense, tmp_path / "m2.json", tmp_path / "ft2.pt")  # same seed, same numbers
+    assert again["top1"] == metrics["top1"]
+    assert again["history"][-1]["train_loss"] == metrics["history"][-1]["train_loss"]
+    first, second = load(tmp_path / "ft.pt")["state_dict"], load(tmp_path / "ft2.pt")["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("content, message", [
