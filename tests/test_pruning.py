@@ -127,18 +127,30 @@ def test_infeasible_budget_is_a_config_error(mbv2, tmp_path):
         SearchConfig.from_config({"metapruning": {"populaton": 4}})
 
 
-def test_candidates_are_scored_on_the_selection_split():
-    """A network that always answers class 1: 100 % on a selection split of ones, 0 % on the others."""
+def _constant_splits(n: int, train: int, select: int):
+    """Splits of random 3x4x4 images whose labels are constant per split: ``train``, ``select``, and 2 (test)."""
     from depthshrinker.data import Splits
 
     def images(label):
-        return torch.utils.data.TensorDataset(torch.randn(8, 3, 4, 4), torch.full((8,), label))
+        return torch.utils.data.TensorDataset(torch.randn(n, 3, 4, 4), torch.full((n,), label))
 
-    splits = Splits(train=images(0), select=images(1), test=images(2), num_classes=3)
+    return Splits(train=images(train), select=images(select), test=images(2), num_classes=3)
+
+
+def _class_biased_linear(bias: list[float]) -> torch.nn.Module:
+    """A linear classifier of 3x4x4 images whose bias favours one class."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
     with torch.no_grad():
+        model[1].bias.copy_(torch.tensor(bias))
+    return model
+
+
+def test_candidates_are_scored_on_the_selection_split():
+    """A network that always answers class 1: 100 % on a selection split of ones, 0 % on the others."""
+    splits = _constant_splits(8, train=0, select=1)
+    model = _class_biased_linear([0.0, 1.0, 0.0])
+    with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
     data = validate({})["data"]
     score = pruning._scorer(splits, SearchConfig(holdout_images=5, calibration_batches=1, adapt_steps=0), data, 0)
     assert score(model)["top1"] == 100.0
@@ -146,15 +158,8 @@ def test_candidates_are_scored_on_the_selection_split():
 
 def test_adaptation_trains_a_copy_on_training_batches():
     """Adapting on training images of class 0 turns a class-1 network into a class-0 one for scoring only."""
-    from depthshrinker.data import Splits
-
-    def images(label):
-        return torch.utils.data.TensorDataset(torch.randn(64, 3, 4, 4), torch.full((64,), label))
-
-    splits = Splits(train=images(0), select=images(0), test=images(2), num_classes=3)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
-    with torch.no_grad():
-        model[1].bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    splits = _constant_splits(64, train=0, select=0)
+    model = _class_biased_linear([0.0, 5.0, 0.0])
     before = model[1].bias.clone()
     cfg = SearchConfig(holdout_images=64, calibration_batches=1, adapt_steps=20, adapt_lr=0.5)
     data = {**validate({})["data"], "batch_size": 16}

@@ -139,7 +139,7 @@ class _Fixed(nn.Module):
 def _measured(segments: dict[str, tuple[dict, tuple[int, int, int]]], policy: dict) -> dict[str, float]:
     """Median seconds of each segment (as one conv) on the policy's device, timed interleaved. Under DDP rank 0's
     timings are broadcast, so that every rank trains the same pad-first form."""
-    from .bench import time_interleaved
+    from .bench import quartiles, time_interleaved
 
     if not segments:
         return {}
@@ -149,7 +149,7 @@ def _measured(segments: dict[str, tuple[dict, tuple[int, int, int]]], policy: di
     batch = policy.get("batch", 1)
     nets = {k: _Fixed(conv, (batch, *shape), device) for k, (conv, shape) in segments.items()}
     times = time_interleaved(nets, torch.empty(0, device=device), repeats=5, warmup=2, iters=5)
-    medians = [{k: sorted(t)[len(t) // 2] for k, t in times.items()}]
+    medians = [{k: quartiles(t)[0] for k, t in times.items()}]
     if dist.is_initialized():
         dist.broadcast_object_list(medians, src=0)
     return medians[0]

@@ -80,7 +80,8 @@ def _version(package: str) -> str | None:
 
 
 @functools.cache
-def _software() -> dict:
+def software() -> dict:
+    """Versions of the project, torch, timm and CrypTen, and the git revision (and dirty flag) of this checkout."""
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -99,4 +100,4 @@ def _software() -> dict:
 def provenance(config: dict, stage: str) -> dict:
     """The block a stage stamps into its JSON output: stage, the sections it read and their hash, versions."""
     read = sections(config, stage)
-    return {"stage": stage, "config_hash": config_hash(read), "config": read, **_software()}
+    return {"stage": stage, "config_hash": config_hash(read), "config": read, **software()}

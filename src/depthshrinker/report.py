@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ import pandas as pd
 from .checkpoint import load, load_model, read_json, write_json
 from .config import ConfigError
 from .counting import profile
+from .provenance import software
 from .stats import t_interval, wilson
 
 CELL = ["method", "granularity", "keep_ratio"]
@@ -216,15 +216,6 @@ def aggregate(summary: str | Path, out: str | Path, test_images: int | None = No
     return table
 
 
-def _git_commit(where: Path) -> str | None:
-    try:
-        run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return run.stdout.strip() if run.returncode == 0 else None
-
-
 def _cpu_name() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -300,7 +291,7 @@ def table(by_cell_csv: str | Path, readme: str | Path | None = None, out: str | 
     date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d")
     revisions = cells["git_revision"].dropna().astype(str).unique() if "git_revision" in cells else []
     commit = ", ".join(r[:7] + ("-dirty" if r.endswith("-dirty") else "") for r in revisions) \
-        or _git_commit(path.resolve().parent)
+        or (software()["git_revision"] or "")[:7] or None
     text = render_table(cells, date, commit)
     if out is not None:
         Path(out).write_text(text)

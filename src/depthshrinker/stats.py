@@ -10,24 +10,20 @@ LEVEL = 0.95
 
 
 def wilson(correct: int, total: int, level: float = LEVEL) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``correct / total`` (as fractions):
-    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``; stays inside [0, 1], sensible at p = 0 or 1."""
+    """Wilson score interval of a proportion ``correct / total`` (as fractions), without continuity correction
+    (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``); stays inside [0, 1], sensible at p = 0 or 1."""
     if total <= 0 or not 0 <= correct <= total:
         raise ValueError(f"wilson: need 0 <= correct <= total and total > 0 (got {correct}/{total})")
-    z = stats.norm.ppf(0.5 + level / 2)
-    p, n = correct / total, total
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    ci = stats.binomtest(correct, total).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def t_interval(values: list[float], level: float = LEVEL) -> tuple[float, float]:
     """Student's t-interval of the mean of ``values`` (n >= 2): ``mean ± t(n-1) · s / sqrt(n)``, s the sample
-    standard deviation (ddof 1)."""
+    standard deviation (ddof 1); equal values give the mean itself (``scipy.stats.t.interval`` gives NaN)."""
     n = len(values)
     if n < 2:
         raise ValueError(f"t_interval: needs at least 2 values (got {n})")
     mean = sum(values) / n
-    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * stats.tstd(values) / math.sqrt(n)
     return float(mean - half), float(mean + half)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import time_interleaved
+from .bench import quartiles, time_interleaved
 from .config import ConfigError
 from .gates import apply_keep
 from .merge import merge_plain
@@ -88,7 +88,7 @@ def cost_table(config: dict, target: str, granularity: str, out: str | Path, rep
             pair = {"before": net.blocks[block], "after": after[unit].blocks[block]}
             x = inputs[block].expand(batch, -1, -1, -1).contiguous().to(device)
             times = time_interleaved({k: v.to(device).eval() for k, v in pair.items()}, x, repeats, 3, 20)
-            rows.append({"name": name, **{k: 1e3 * sorted(t)[len(t) // 2] for k, t in times.items()}})
+            rows.append({"name": name, **{k: 1e3 * quartiles(t)[0] for k, t in times.items()}})
         note = f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

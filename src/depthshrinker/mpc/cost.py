@@ -169,6 +169,10 @@ def count(net: PlainNet | dict, input_size: int) -> Cost:
     return total + Cost(bytes=REVEAL_BYTES * classifier["out"], rounds=1)
 
 
+def _link(network: str | Network) -> Network:
+    return NETWORKS[network] if isinstance(network, str) else network
+
+
 def compute_seconds(c: Cost) -> float:
     """Local compute of one party on the reference box (the constants above)."""
     return (SECONDS_PER_COMPARISON * (c.relu + 2 * c.relu6) + SECONDS_PER_MAC * c.macs
@@ -177,7 +181,7 @@ def compute_seconds(c: Cost) -> float:
 
 def latency(c: Cost, network: str | Network = "lan", compute_s: float | None = None) -> float:
     """``compute + R·RTT + (B/2)·8 / bandwidth`` seconds; ``compute_s`` overrides the calibrated compute."""
-    link = NETWORKS[network] if isinstance(network, str) else network
+    link = _link(network)
     compute = compute_seconds(c) if compute_s is None else compute_s
     return compute + c.rounds * link.rtt_s + c.bytes / 2 * 8 / link.bandwidth_bit_s
 
@@ -186,7 +190,7 @@ def preproc_latency(c: Cost, network: str | Network = "lan", compute_s: float = 
     """Network time of the preprocessing over a dealer link like ``network``: one round trip (all requests in
     one batch) + ``P·8 / bandwidth`` (the dealer's bytes flow one way), plus ``compute_s`` (the tuples'
     generation, not modelled)."""
-    link = NETWORKS[network] if isinstance(network, str) else network
+    link = _link(network)
     return compute_s + (link.rtt_s if c.preproc_requests else 0.0) + c.preproc_bytes * 8 / link.bandwidth_bit_s
 
 
@@ -195,7 +199,7 @@ def estimate(net: PlainNet | dict, input_size: int, network: str | Network = "la
     """Counts of ``count`` plus, online, ``compute_s``, ``rtt_s`` (R·RTT), ``transfer_s`` and ``latency_s``, and
     the preprocessing's network time ``preproc_network_s`` (``preproc_latency`` without compute)."""
     c = count(net, input_size)
-    link = NETWORKS[network] if isinstance(network, str) else network
+    link = _link(network)
     return {**c.as_dict(), "mb": c.bytes / 1e6, "preproc_mb": c.preproc_bytes / 1e6,
             "compute_s": compute_seconds(c) if compute_s is None else compute_s,
             "rtt_s": c.rounds * link.rtt_s, "transfer_s": c.bytes / 2 * 8 / link.bandwidth_bit_s,
