@@ -13,6 +13,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/shrink.smk"
+include: "workflow/rules/depthdp.smk"
 include: "workflow/rules/deploy.smk"
 include: "workflow/rules/report.smk"
 

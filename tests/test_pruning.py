@@ -152,7 +152,7 @@ def test_candidates_are_scored_on_the_selection_split():
     with torch.no_grad():
         model[1].weight.zero_()
     data = validate({})["data"]
-    score = pruning._scorer(splits, SearchConfig(holdout_images=5, calibration_batches=1, adapt_steps=0), data, 0)
+    score = pruning.scorer(splits, SearchConfig(holdout_images=5, calibration_batches=1, adapt_steps=0), data, 0)
     assert score(model)["top1"] == 100.0
 
 
@@ -163,10 +163,10 @@ def test_adaptation_trains_a_copy_on_training_batches():
     before = model[1].bias.clone()
     cfg = SearchConfig(holdout_images=64, calibration_batches=1, adapt_steps=20, adapt_lr=0.5)
     data = {**validate({})["data"], "batch_size": 16}
-    assert pruning._scorer(splits, cfg, data, 0)(model)["top1"] > 90
+    assert pruning.scorer(splits, cfg, data, 0)(model)["top1"] > 90
     assert torch.equal(model[1].bias, before), "the candidate keeps its cut dense weights"
     unadapted = dataclasses.replace(cfg, adapt_steps=0)
-    assert pruning._scorer(splits, unadapted, data, 0)(model)["top1"] == 0.0
+    assert pruning.scorer(splits, unadapted, data, 0)(model)["top1"] == 0.0
 
 
 def test_mpc_cost_is_crypten_bytes_and_rounds_without_compute(mbv2):

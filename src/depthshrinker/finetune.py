@@ -21,7 +21,9 @@ from .plan import merge_policy
 from .train import train_stage
 
 
-MASK_KEYS = {"depthshrinker": ("granularity", "keep_ratio", "keep"), "snl": ("granularity", "keep_ratio", "layers")}
+KEEP_LISTS = ("depthshrinker", "depthdp")  # masks that are a keep-list over activation units
+MASK_KEYS = {**{m: ("granularity", "keep_ratio", "keep") for m in KEEP_LISTS},
+             "snl": ("granularity", "keep_ratio", "layers")}
 
 
 def read_mask(path: str | Path) -> dict:
@@ -43,7 +45,7 @@ def read_mask(path: str | Path) -> dict:
 
 def mask_spec(mask: dict, free_act: str) -> dict:
     """The checkpoint-spec form of an extracted mask JSON (``search.extract``)."""
-    if mask["method"] == "depthshrinker":
+    if mask["method"] in KEEP_LISTS:
         return {"method": "depthshrinker", "granularity": mask["granularity"], "keep": mask["keep"],
                 "free_act": free_act}
     return {"method": "snl", "granularity": mask["granularity"],
@@ -67,7 +69,7 @@ def finetune(config: dict, dense_ckpt: str | Path, mask_path: str | Path, out: s
     loaders = build_loaders(config["data"], config["seed"])
     teacher, spec = load_model(dense_ckpt)
     student = copy.deepcopy(teacher)
-    if mask["method"] == "depthshrinker" and len(mask["keep"]) != len(activation_units(student, mask["granularity"])):
+    if mask["method"] in KEEP_LISTS and len(mask["keep"]) != len(activation_units(student, mask["granularity"])):
         raise ConfigError(f"{mask_path}: {len(mask['keep'])} entries do not fit the model's units")
     spec = {**spec, "mask": mask_spec(mask, config["model"]["free_act"])}
     apply_mask_spec(student, spec["mask"], merge_policy(config))  # records the merge plan in spec["mask"]
@@ -77,7 +79,8 @@ def finetune(config: dict, dense_ckpt: str | Path, mask_path: str | Path, out: s
         for layer in mask["layers"]:
             student.get_submodule(layer["name"]).mask.copy_(decode_bits(layer["bits"], layer["shape"]))
     distill = config["stages"]["distill"]["enabled"]
-    row = {k: mask[k] for k in ("budget", "budget_reached") if k in mask}  # extra summary columns (SNL element)
+    row = {**mask.get("row", {}),  # extra summary columns: SNL element's budget, depthdp's
+           **{k: mask[k] for k in ("budget", "budget_reached") if k in mask}}
     return train_stage(config, "finetune", student, spec, out, loaders, teacher=teacher if distill else None,
                        distill=distill, desc=f"finetune {mask['method']} {mask['granularity']} {mask['keep_ratio']}",
                        extra_metrics=(lambda history: {"row": row}) if row else None)

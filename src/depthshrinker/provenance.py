@@ -25,6 +25,9 @@ READS: dict[str, tuple[str, ...]] = {
     "cost-table": ("data.image_size", "data.batch_size", "model", *_MERGE_PLAN),  # 10-class head: no dataset
     "search": (*_TRAIN, "stages.search", "stages.distill"),
     "extract": (),
+    "latency-table": ("data.image_size", "data.batch_size", "model", *_MERGE_PLAN),  # a 10-class head, as above
+    "importance": (*_TRAIN, *_MERGE_PLAN, "stages.finetune.lr", "depthdp"),
+    "depthdp": ("model", "stages.search.latency_target", "depthdp.budget"),
     "finetune": (*_TRAIN, "stages.search.latency_target", "stages.finetune", "stages.distill", "mpc.network"),
     "merge": ("seed", "data", *_MERGE_PLAN),
     "bench-device": ("data.image_size", "bench"),
@@ -41,6 +44,8 @@ CHAINS: dict[str, tuple[str, ...]] = {  # the stages a cell's row depends on, by
     "snl": ("train-dense", "search", "extract", "finetune", *_DEPLOY),
     "uniform": ("train-dense", "train-uniform", *_DEPLOY),
     "metapruning": ("train-dense", "cost-table", "search", "extract", "finetune", "metaprune", *_DEPLOY),
+    "depthdp": ("train-dense", "latency-table", "importance", "depthdp", "cost-table", "search", "extract",
+                "finetune", *_DEPLOY),  # with depthdp.budget match, the DepthShrinker mask sets the budget
 }
 
 

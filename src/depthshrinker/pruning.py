@@ -289,11 +289,12 @@ def adapt(model: nn.Module, batches, lr: float) -> None:
         optimizer.step()
 
 
-def _scorer(splits, cfg: SearchConfig, data: dict, seed: int) -> Callable[[nn.Module], dict]:
+def scorer(splits, cfg, data: dict, seed: int) -> Callable[[nn.Module], dict]:
     """Score a candidate: a copy adapts for ``adapt_steps`` seeded training batches (the same for every
     candidate), BatchNorm is recalibrated on ``calibration_batches`` training batches, then top-1 on the first
     ``holdout_images`` of the selection split (carved from the training data, never trained on; never the test
-    split that results report). The candidate itself keeps its cut dense weights."""
+    split that results report). The candidate itself keeps its cut dense weights. ``cfg``: the four scoring
+    keys (``SearchConfig`` here, ``depthdp.ImportanceConfig`` for the importance of depthdp's options)."""
     select = Subset(splits.select, range(min(cfg.holdout_images, len(splits.select))))
     holdout = DataLoader(select, batch_size=data["eval_batch_size"], num_workers=data["workers"])
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -335,7 +336,7 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     teacher.to(device())
     cost_fn = COSTS[cost](config)
     dense_cost = cost_fn(teacher)
-    score = _scorer(build_datasets(config["data"], config["seed"]), cfg, config["data"], config["seed"])
+    score = scorer(build_datasets(config["data"], config["seed"]), cfg, config["data"], config["seed"])
     budget_cost = budget * dense_cost
     floor = narrowest_cost(teacher, cost_fn, cfg.round_to) if at_least_narrowest else 0.0
     raised = budget_cost < floor

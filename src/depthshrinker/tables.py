@@ -35,13 +35,12 @@ def unit_blocks(model, granularity: str) -> list[int]:
     return [where[unit.acts[0]][0] for unit in activation_units(model, granularity)]
 
 
-def shrunk(model, granularity: str, unit: int, policy: dict, free_act: str = "none") -> PlainNet:
-    """``model`` (timm) as deployed with only ``unit``'s activations removed: the free activation added where the
-    block became linear, BN folded, merged by the plan ``apply_keep`` decides under ``policy`` (pad-first only
-    where that plan merges)."""
+def shrunk(model, granularity: str, keep: list[int], policy: dict, free_act: str = "none") -> PlainNet:
+    """``model`` (timm) as deployed with the keep-list ``keep`` over its ``granularity`` units: the free
+    activation added where a block became linear, BN folded, merged by the plan ``apply_keep`` decides under
+    ``policy`` (pad-first only where that plan merges)."""
     model = copy.deepcopy(model)
-    units = activation_units(model, granularity)
-    apply_keep(model, units, [int(i != unit) for i in range(len(units))], free_act, policy)
+    apply_keep(model, activation_units(model, granularity), keep, free_act, policy)
     return merge_plain(to_plain(model))
 
 
@@ -69,7 +68,8 @@ def cost_table(config: dict, target: str, granularity: str, out: str | Path, rep
     blocks = unit_blocks(model, granularity)
     inputs = block_inputs(net, size)
     policy = merge_policy(config)
-    after = [shrunk(model, granularity, unit, policy, m["free_act"]) for unit in range(len(names))]
+    after = [shrunk(model, granularity, [int(i != unit) for i in range(len(names))], policy, m["free_act"])
+             for unit in range(len(names))]
     rows = []
     if target == "mpc":
         network = config["mpc"]["network"]

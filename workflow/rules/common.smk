@@ -29,10 +29,10 @@ def _keeps(values):
 GRID = config["grid"]
 
 wildcard_constraints:  # only the values the config asks for: a mistyped target fails at once, naming no job
-    method="dense|depthshrinker|snl|uniform|metapruning",
-    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params",
+    method="dense|depthshrinker|snl|uniform|metapruning|depthdp",
+    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params|merge",
     keep=_keeps({1.0, *GRID["depthshrinker"]["keep"], *GRID["snl"]["keep"], *GRID["uniform"]["width"],
-                 *GRID["metapruning"]["match"]}),
+                 *GRID["metapruning"]["match"], *GRID["depthdp"]["keep"]}),
     seed="|".join(str(s) for s in SEEDS),
 
 
@@ -44,6 +44,8 @@ def cells():
     out += [("uniform", "width", str(float(w))) for w in GRID["uniform"]["width"]]
     mp = GRID["metapruning"]
     out += [("metapruning", c, str(float(k))) for c in mp["cost"] for k in mp["match"]]
+    dp = GRID["depthdp"]
+    out += [("depthdp", g, str(float(k))) for g in dp["granularity"] for k in dp["keep"]]
     return out
 
 

@@ -3,6 +3,7 @@
 
 localrules:
     extract,
+    depthdp,
     row,
     summarize,
     aggregate,

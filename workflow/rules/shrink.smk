@@ -1,4 +1,4 @@
-# DepthShrinker and SNL cells: search -> extract -> finetune.
+# DepthShrinker and SNL cells: search -> extract -> finetune (depthdp cells: depthdp.smk -> finetune).
 
 
 rule search:
@@ -55,14 +55,15 @@ rule finetune:
     input:
         dense=DENSE,
         mask=f"{CELL}/mask.json",
-        search=f"{CELL}/search.pt",  # SNL element finetunes from the searched weights (mask.json's `init`)
+        # SNL element finetunes from the searched weights (mask.json's `init`); depthdp has no search
+        search=lambda w: [] if w.method == "depthdp" else CELL.format(**dict(w.items())) + "/search.pt",
     output:
         model=f"{CELL}/model.pt",
         metrics=f"{CELL}/model.json",
     log:
         f"{CELL}/logs/finetune.log",
     wildcard_constraints:
-        method="depthshrinker|snl",
+        method="depthshrinker|snl|depthdp",
     benchmark:
         f"{CELL}/benchmarks/finetune.tsv"
     params:

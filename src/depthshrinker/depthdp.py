@@ -1,0 +1,257 @@
+"""depthdp: latency-optimal depth compression by dynamic programming (Kim et al., "Efficient Latency-Aware CNN
+Depth Compression via Two-Stage Dynamic Programming", ICML 2023), on the network DepthShrinker merges.
+
+Kim et al. pick the merged segments (convs i..j, their activations removed, merged into one conv) that maximise
+the summed importance under a latency budget T₀, from two look-up tables over the candidate segments. Here a
+merge never crosses a block (residual additions and block boundaries stay, as in DepthShrinker), so the
+segments of a block are fixed by which of its activations stay: an *option* of a block is a keep pattern of its
+activations (``2^k`` for ``k`` activations: 4 per inverted-residual block of MobileNetV2, 2 for the stem, the
+first block and the head), and its segments are the linear runs that pattern leaves, merged by the cell's merge
+plan. The tables, one row per (block, option):
+
+* latency (``latency_table``): the block as deployed with that option (activations removed, the free activation
+  where the block became linear, BN folded, merged by ``plan.merge_policy``), under the deploy target:
+  ``mpc``, the CrypTen cost model's latency at ``mpc.network`` (bytes and rounds exact); ``cpu`` / ``gpu``,
+  measured as the cost table measures (interleaved repeats, median);
+* importance (``importance``, one job per block): selection-split top-1 (%) of the dense network with only that
+  option applied, after a short finetune (``depthdp.adapt_steps`` SGD steps, BN recalibrated), minus the same
+  for the dense network (``block = "dense"``), so that keeping every activation scores 0. Never the test split.
+
+``solve`` is the DP: one option per block maximising Σ importance with Σ latency ≤ T₀, exact (a Pareto front of
+(latency, importance) over the blocks instead of Kim et al.'s latency grid, so no rounding of latencies); ties go
+to the lower latency. ``plan`` writes the choice as a mask in the format ``finetune`` reads (``keep`` over the
+``layer`` units), so the rest of the cell is DepthShrinker's. The budget is ``keep`` × the dense blocks' latency,
+or, with ``depthdp.budget: match``, the latency of the DepthShrinker block cell at the same keep ratio under the
+same table (equal cost by construction). Not done: LayerMerge's pruned conv layers (Kim et al., ICML 2024).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import itertools
+import os
+from pathlib import Path
+
+import torch
+
+from .bench import quartiles, time_interleaved
+from .checkpoint import load_model, read_json, write_json
+from .config import ConfigError
+from .data import build_datasets
+from .gates import apply_keep
+from .models import activation_units, create_model
+from .mpc import cost as mpc_cost
+from .plain import to_plain
+from .plan import merge_policy
+from .tables import UNITS, block_inputs, shrunk, unit_blocks
+
+TARGETS = ("cpu", "gpu", "mpc")
+TOLERANCE = 1e-9  # relative: a sum of the same latencies in another order still meets its own budget
+
+
+def solve(blocks: list[list[tuple[float, float]]], budget: float) -> tuple[list[int], float, float, int]:
+    """Exact DP over blocks: ``blocks[b][o] = (latency, importance)`` of option ``o`` of block ``b``; returns
+    (option per block, Σ latency, Σ importance, size of the last Pareto front) maximising Σ importance subject to
+    Σ latency ≤ ``budget`` (latencies ≥ 0), the lower latency on ties, then the earlier options. Raises
+    ConfigError when no choice fits."""
+    limit = budget * (1 + TOLERANCE) + TOLERANCE
+    front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    for options in blocks:
+        grown = sorted(((t + lt, i + li, choice + (o,)) for t, i, choice in front
+                        for o, (lt, li) in enumerate(options) if t + lt <= limit), key=lambda c: (c[0], -c[1]))
+        front = []
+        for candidate in grown:  # keep what no cheaper (or equally cheap, listed earlier) choice beats
+            if not front or candidate[1] > front[-1][1]:
+                front.append(candidate)
+        if not front:
+            cheapest = sum(min(t for t, _ in options) for options in blocks)
+            raise ConfigError(f"depthdp: no choice fits the budget {budget:.6g} (the cheapest costs {cheapest:.6g})")
+    latency, importance, choice = front[-1]
+    return list(choice), latency, importance, len(front)
+
+
+def block_options(model) -> list[tuple[int, list[int], list[tuple[int, ...]]]]:
+    """Per PlainNet block with activations: (block, its ``layer`` unit indices, its options as keep bits, all
+    kept first)."""
+    where = unit_blocks(model, "layer")
+    out = []
+    for block in sorted(set(where)):
+        units = [u for u, b in enumerate(where) if b == block]
+        out.append((block, units, list(itertools.product((1, 0), repeat=len(units)))))
+    return out
+
+
+def bits_key(bits) -> str:
+    """``(1, 0)`` -> ``"10"``: how an option is named in the tables."""
+    return "".join(str(int(k)) for k in bits)
+
+
+def keep_list(num_units: int, units: list[int], bits: tuple[int, ...]) -> list[int]:
+    """The ``layer`` keep-list with only ``units`` set to ``bits``."""
+    keep = [1] * num_units
+    for u, k in zip(units, bits):
+        keep[u] = k
+    return keep
+
+
+def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) -> list[dict]:
+    """Stage: write ``out`` (CSV, ``#`` header naming the target and unit): per block and option its keep
+    ``bits``, the deployed ``segments`` (original conv indices per conv) and ``latency`` (plus bytes and rounds
+    for ``mpc``); a 10-class head, as the cost table."""
+    if target not in TARGETS:
+        raise ConfigError(f"depthdp: no latency table for target '{target}' (one of {', '.join(TARGETS)})")
+    if target == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("depthdp: target 'gpu' needs a CUDA device")
+    m, size = config["model"], config["data"]["image_size"]
+    model = create_model(m["arch"], 10, m["small_input"]).eval()
+    inputs = block_inputs(to_plain(model), size)
+    policy, num_units = merge_policy(config), len(activation_units(model, "layer"))
+    device = "cuda" if target == "gpu" else "cpu"
+    batch = config["data"]["batch_size"] if target == "gpu" else 1
+    rows = []
+    for block, units, options in block_options(model):
+        nets = {bits: shrunk(model, "layer", keep_list(num_units, units, bits), policy, m["free_act"]) for bits in options}
+        shape = tuple(inputs[block].shape[1:])
+        if target == "mpc":
+            costs = {bits: mpc_cost.block_cost(net.spec["blocks"][block], shape)[0] for bits, net in nets.items()}
+            measured = {bits: {"latency": mpc_cost.latency(c, config["mpc"]["network"]), "bytes": c.bytes,
+                               "rounds": c.rounds} for bits, c in costs.items()}
+        else:
+            x = inputs[block].expand(batch, -1, -1, -1).contiguous().to(device)
+            times = time_interleaved({bits: net.blocks[block].to(device).eval() for bits, net in nets.items()},
+                                     x, repeats, 3, 20)
+            measured = {bits: {"latency": 1e3 * quartiles(t)[0]} for bits, t in times.items()}
+        rows += [{"block": block, "units": " ".join(map(str, units)), "bits": bits_key(bits),
+                  "segments": " ".join("-".join(map(str, seg)) for seg in nets[bits].spec["blocks"][block]["merged_from"]),
+                  **measured[bits]} for bits in options]
+    note = (f"two-party CrypTen cost model, {config['mpc']['network']} preset" if target == "mpc" else
+            f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}")
+    _write_csv(out, rows, f"# depthdp latency per block option of {m['arch']} at {size}x{size}; unit of measure: "
+                          f"{UNITS[target]}; {note}; deployed: free_act {m['free_act']}, merge policy {policy['name']}")
+    return rows
+
+
+def _write_csv(out: str | Path, rows: list[dict], header: str) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(header + "\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out)
+
+
+def read_latency_table(path: str | Path) -> dict[tuple[int, str], float]:
+    """(block, bits) -> latency of a ``latency_table`` CSV."""
+    with open(path) as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    try:
+        return {(int(r["block"]), r["bits"]): float(r["latency"]) for r in rows}
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{path}: not a depthdp latency table ({err})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceConfig:
+    """The ``depthdp`` config section's scoring keys (read by ``pruning.scorer`` as MetaPruning's are)."""
+    adapt_steps: int = 20
+    adapt_lr: float | None = None
+    holdout_images: int = 256
+    calibration_batches: int = 2
+
+
+def importance(config: dict, dense_ckpt: str | Path, block: str, out: str | Path) -> dict:
+    """Stage: selection-split top-1 of the dense network with each option of PlainNet block ``block`` that removes
+    an activation (``"dense"``: the dense network itself, the reference), each after the same short finetune;
+    writes ``out`` (JSON: ``{"block", "options": [{"bits", "top1", "loss"}]}``)."""
+    from .pruning import scorer
+    from .train import Recipe
+
+    section = config["depthdp"]
+    cfg = ImportanceConfig(**{f.name: section[f.name] for f in dataclasses.fields(ImportanceConfig)})
+    if cfg.adapt_lr is None:
+        cfg = dataclasses.replace(cfg, adapt_lr=Recipe.from_config(config, "finetune").lr)
+    dense, _ = load_model(dense_ckpt)
+    score = scorer(build_datasets(config["data"], config["seed"]), cfg, config["data"], config["seed"])
+    policy, free_act = merge_policy(config), config["model"]["free_act"]
+    num_units = len(activation_units(dense, "layer"))
+    if block == "dense":
+        options = [([], ())]
+    else:
+        options = [(units, bits) for b, units, opts in block_options(dense) if str(b) == block for bits in opts[1:]]
+        if not options:
+            raise ConfigError(f"depthdp importance: block '{block}' has no activations (or does not exist)")
+    rows = []
+    for units, bits in options:
+        model = copy.deepcopy(dense)
+        if units:
+            apply_keep(model, activation_units(model, "layer"), keep_list(num_units, units, bits), free_act, policy)
+        result = score(model)
+        rows.append({"bits": bits_key(bits), "top1": result["top1"], "loss": result["loss"]})
+    report = {"block": block, "options": rows, "adapt": dataclasses.asdict(cfg)}
+    write_json(out, report)
+    return report
+
+
+def importance_table(reference: str | Path, blocks: list[str | Path]) -> dict[tuple[int, str], float]:
+    """(block, bits) -> importance (top-1 points over the dense reference) from ``importance`` reports."""
+    base = read_json(reference)["options"][0]["top1"]
+    table = {}
+    for path in blocks:
+        report = read_json(path)
+        for row in report["options"]:
+            table[int(report["block"]), row["bits"]] = row["top1"] - base
+    return table
+
+
+def layer_keep_of(mask: dict, model) -> list[int]:
+    """A DepthShrinker mask's keep-list at ``layer`` granularity (a ``block`` unit keeps all its activations)."""
+    kept = {path for unit, k in zip(activation_units(model, mask["granularity"]), mask["keep"]) if k
+            for path in unit.acts}
+    return [int(unit.acts[0] in kept) for unit in activation_units(model, "layer")]
+
+
+def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Path, blocks: list[str | Path],
+         out: str | Path, match: str | Path | None = None) -> dict:
+    """Stage: solve the DP at budget ``keep`` × the dense blocks' latency, or the latency of the DepthShrinker
+    mask ``match`` (``depthdp.budget: match``), and write the choice as a ``layer`` keep-list mask ``out``."""
+    if (config["depthdp"]["budget"] == "match") != (match is not None):
+        raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker mask to match (--match), and only it")
+    m = config["model"]
+    model = create_model(m["arch"], 10, m["small_input"])
+    latency, gain = read_latency_table(latency_csv), importance_table(reference, blocks)
+    options, table = block_options(model), []  # table[b][o] = (latency, importance) of option o of block b
+    for b, _, opts in options:
+        for bits in opts:
+            if (b, bits_key(bits)) not in latency:
+                raise ConfigError(f"{latency_csv}: no latency for block {b} option {bits_key(bits)}")
+            if 0 in bits and (b, bits_key(bits)) not in gain:
+                raise ConfigError(f"depthdp: no importance for block {b} option {bits_key(bits)}")
+        table.append([(latency[b, bits_key(bits)], gain[b, bits_key(bits)] if 0 in bits else 0.0) for bits in opts])
+    dense_latency = sum(row[0][0] for row in table)
+    if match is not None:
+        ds = layer_keep_of(read_json(match), model)
+        budget = sum(latency[b, bits_key(ds[u] for u in units)] for b, units, _ in options)
+        source = {"budget": "match", "match": str(match)}
+    else:
+        budget, source = keep * dense_latency, {"budget": "fraction"}
+    choice, total, gained, front = solve(table, budget)
+    keep_bits = [1] * len(activation_units(model, "layer"))
+    for (_, units, opts), o in zip(options, choice):
+        for u, k in zip(units, opts[o]):
+            keep_bits[u] = k
+    units = activation_units(model, "layer")
+    mask = {"method": "depthdp", "granularity": "layer", "keep_ratio": keep, "num_units": len(units),
+            "num_kept": sum(keep_bits), "keep": keep_bits,
+            "units": [{"name": u.name, "keep": k} for u, k in zip(units, keep_bits)],
+            "dp": {**source, "target": config["stages"]["search"]["latency_target"], "budget_latency": budget,
+                   "latency": total, "dense_latency": dense_latency, "importance": gained, "pareto_front": front,
+                   "options": [{"block": b, "bits": bits_key(opts[o]), "latency": row[o][0], "importance": row[o][1]}
+                               for (b, _, opts), o, row in zip(options, choice, table)]},
+            "row": {"dp_budget_fraction": budget / dense_latency, "dp_latency_fraction": total / dense_latency,
+                    "dp_importance": gained}}
+    write_json(out, mask)
+    return mask
