@@ -48,7 +48,8 @@ def test_published_points_come_with_the_imagenet_config(tmp_path):
         tmp_path / "s.csv", index=False)
     written = plots(tmp_path / "s.csv", tmp_path / "plots", {"data": {"dataset": "imagenet"}})
     assert [p.name for p in written] == ["accuracy_vs_mpc_rounds.png", "accuracy_vs_mpc_rounds.pdf",
-                                         "published_imagenet.png", "published_imagenet.pdf"]
+                                         "published_imagenet.png", "published_imagenet.pdf",
+                                         "published_imagenet_speedup.png", "published_imagenet_speedup.pdf"]
 
 
 def test_title_names_dataset_model_size_epochs_and_seeds():

@@ -38,6 +38,15 @@ def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
                     "aggregate": 1, "plots": 1, "all": 1}
 
 
+def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path):
+    jobs = planned("--configfile", str(ROOT / "config" / "depthdp.yaml"), "--config", f"results={tmp_path}/r")
+    # one latency table; one importance job per block with activations (19) plus the dense reference; the DP
+    # per cell; the DepthShrinker cells whose masks set the budgets are the grid's own (no extra search)
+    assert jobs == {"train_dense": 1, "cost_table": 1, "latency_table": 1, "importance": 20, "search": 3,
+                    "extract": 3, "depthdp": 3, "finetune": 6, "merge": 7, "bench_device": 7, "bench_mpc": 7,
+                    "row": 7, "summarize": 1, "aggregate": 1, "plots": 1, "all": 1}
+
+
 def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
     overlay = tmp_path / "seeds.yaml"
     overlay.write_text(yaml.safe_dump({"grid": {"seeds": [0, 1, 2]}}))

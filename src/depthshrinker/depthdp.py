@@ -15,7 +15,9 @@ plan. The tables, one row per (block, option):
   measured as the cost table measures (interleaved repeats, median);
 * importance (``importance``, one job per block): selection-split top-1 (%) of the dense network with only that
   option applied, after a short finetune (``depthdp.adapt_steps`` SGD steps, BN recalibrated), minus the same
-  for the dense network (``block = "dense"``), so that keeping every activation scores 0. Never the test split.
+  for the dense network (``block = "dense"``), so that keeping every activation scores 0; or, with
+  ``depthdp.importance: loss``, the cross-entropy it saves over the dense network (where top-1 saturates).
+  Never the test split.
 
 ``solve`` is the DP: one option per block maximising Σ importance with Σ latency ≤ T₀, exact (a Pareto front of
 (latency, importance) over the blocks instead of Kim et al.'s latency grid, so no rounding of latencies); ties go
@@ -30,7 +32,6 @@ import copy
 import csv
 import dataclasses
 import itertools
-import os
 from pathlib import Path
 
 import torch
@@ -39,12 +40,13 @@ from .bench import quartiles, time_interleaved
 from .checkpoint import load_model, read_json, write_json
 from .config import ConfigError
 from .data import build_datasets
+from .finetune import read_mask
 from .gates import apply_keep
 from .models import activation_units, create_model
 from .mpc import cost as mpc_cost
 from .plain import to_plain
 from .plan import merge_policy
-from .tables import UNITS, block_inputs, shrunk, unit_blocks
+from .tables import UNITS, block_inputs, shrunk, unit_blocks, write_csv
 
 TARGETS = ("cpu", "gpu", "mpc")
 TOLERANCE = 1e-9  # relative: a sum of the same latencies in another order still meets its own budget
@@ -53,8 +55,8 @@ TOLERANCE = 1e-9  # relative: a sum of the same latencies in another order still
 def solve(blocks: list[list[tuple[float, float]]], budget: float) -> tuple[list[int], float, float, int]:
     """Exact DP over blocks: ``blocks[b][o] = (latency, importance)`` of option ``o`` of block ``b``; returns
     (option per block, Σ latency, Σ importance, size of the last Pareto front) maximising Σ importance subject to
-    Σ latency ≤ ``budget`` (latencies ≥ 0), the lower latency on ties, then the earlier options. Raises
-    ConfigError when no choice fits."""
+    Σ latency ≤ ``budget`` (latencies ≥ 0), the lower latency on ties (exact ties: the first found in front
+    order, deterministic). Raises ConfigError when no choice fits."""
     limit = budget * (1 + TOLERANCE) + TOLERANCE
     front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
     for options in blocks:
@@ -127,21 +129,9 @@ def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) 
                   **measured[bits]} for bits in options]
     note = (f"two-party CrypTen cost model, {config['mpc']['network']} preset" if target == "mpc" else
             f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}")
-    _write_csv(out, rows, f"# depthdp latency per block option of {m['arch']} at {size}x{size}; unit of measure: "
+    write_csv(out, rows, f"# depthdp latency per block option of {m['arch']} at {size}x{size}; unit of measure: "
                           f"{UNITS[target]}; {note}; deployed: free_act {m['free_act']}, merge policy {policy['name']}")
     return rows
-
-
-def _write_csv(out: str | Path, rows: list[dict], header: str) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(header + "\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out)
 
 
 def read_latency_table(path: str | Path) -> dict[tuple[int, str], float]:
@@ -170,6 +160,7 @@ def importance(config: dict, dense_ckpt: str | Path, block: str, out: str | Path
     from .pruning import scorer
     from .train import Recipe
 
+    block = str(block)
     section = config["depthdp"]
     cfg = ImportanceConfig(**{f.name: section[f.name] for f in dataclasses.fields(ImportanceConfig)})
     if cfg.adapt_lr is None:
@@ -196,21 +187,30 @@ def importance(config: dict, dense_ckpt: str | Path, block: str, out: str | Path
     return report
 
 
-def importance_table(reference: str | Path, blocks: list[str | Path]) -> dict[tuple[int, str], float]:
-    """(block, bits) -> importance (top-1 points over the dense reference) from ``importance`` reports."""
-    base = read_json(reference)["options"][0]["top1"]
+METRICS = {"top1": 1.0, "loss": -1.0}  # importance = sign · (metric of the option − metric of dense)
+
+
+def importance_table(reference: str | Path, blocks: list[str | Path], metric: str = "top1"
+                     ) -> dict[tuple[int, str], float]:
+    """(block, bits) -> importance from ``importance`` reports: top-1 points over the dense reference
+    (``top1``, Kim et al.), or the selection split's cross-entropy saved over it (``loss``: finer where top-1
+    saturates, as on the embedded digits)."""
+    sign, base = METRICS[metric], read_json(reference)["options"][0][metric]
     table = {}
     for path in blocks:
         report = read_json(path)
         for row in report["options"]:
-            table[int(report["block"]), row["bits"]] = row["top1"] - base
+            table[int(report["block"]), row["bits"]] = sign * (row[metric] - base)
     return table
 
 
 def layer_keep_of(mask: dict, model) -> list[int]:
     """A DepthShrinker mask's keep-list at ``layer`` granularity (a ``block`` unit keeps all its activations)."""
-    kept = {path for unit, k in zip(activation_units(model, mask["granularity"]), mask["keep"]) if k
-            for path in unit.acts}
+    units = activation_units(model, mask["granularity"])
+    if len(mask["keep"]) != len(units):
+        raise ConfigError(f"depthdp: the mask to match has {len(mask['keep'])} entries, the model {len(units)} "
+                          f"{mask['granularity']} units")
+    kept = {path for unit, k in zip(units, mask["keep"]) if k for path in unit.acts}
     return [int(unit.acts[0] in kept) for unit in activation_units(model, "layer")]
 
 
@@ -222,7 +222,8 @@ def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Pa
         raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker mask to match (--match), and only it")
     m = config["model"]
     model = create_model(m["arch"], 10, m["small_input"])
-    latency, gain = read_latency_table(latency_csv), importance_table(reference, blocks)
+    latency = read_latency_table(latency_csv)
+    gain = importance_table(reference, blocks, config["depthdp"]["importance"])
     options, table = block_options(model), []  # table[b][o] = (latency, importance) of option o of block b
     for b, _, opts in options:
         for bits in opts:
@@ -233,7 +234,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Pa
         table.append([(latency[b, bits_key(bits)], gain[b, bits_key(bits)] if 0 in bits else 0.0) for bits in opts])
     dense_latency = sum(row[0][0] for row in table)
     if match is not None:
-        ds = layer_keep_of(read_json(match), model)
+        ds = layer_keep_of(read_mask(match), model)
         budget = sum(latency[b, bits_key(ds[u] for u in units)] for b, units, _ in options)
         source = {"budget": "match", "match": str(match)}
     else:
@@ -247,7 +248,8 @@ def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Pa
     mask = {"method": "depthdp", "granularity": "layer", "keep_ratio": keep, "num_units": len(units),
             "num_kept": sum(keep_bits), "keep": keep_bits,
             "units": [{"name": u.name, "keep": k} for u, k in zip(units, keep_bits)],
-            "dp": {**source, "target": config["stages"]["search"]["latency_target"], "budget_latency": budget,
+            "dp": {**source, "target": config["stages"]["search"]["latency_target"],
+                   "importance_metric": config["depthdp"]["importance"], "budget_latency": budget,
                    "latency": total, "dense_latency": dense_latency, "importance": gained, "pareto_front": front,
                    "options": [{"block": b, "bits": bits_key(opts[o]), "latency": row[o][0], "importance": row[o][1]}
                                for (b, _, opts), o, row in zip(options, choice, table)]},

@@ -24,11 +24,11 @@ AXES = [  # (column, x label, file stem, lower is better)
     ("gpu_speedup", "GPU speed-up over dense, batch 128, same run [×]", "accuracy_vs_gpu_speedup", False),
 ]
 COLORS = {"dense": "black", "depthshrinker": "tab:blue", "snl": "tab:orange", "metapruning": "tab:green",
-          "uniform": "tab:purple"}
+          "uniform": "tab:purple", "depthdp": "tab:red", "layermerge": "tab:red"}
 MARKERS = {"full": "*", "block": "o", "layer": "p", "channel": "s", "pixel": "D", "element": "X", "width": "v",
-           "mpc": "^", "macs": "<", "params": ">"}
+           "mpc": "^", "macs": "<", "params": ">", "merge": "h"}
 LABEL_MEANS = {"depthshrinker": "keep ratio", "snl": "keep ratio", "uniform": "width ×",
-               "metapruning": "matched DS keep"}
+               "metapruning": "matched DS keep", "depthdp": "budget: DS keep"}
 ERROR_TICKS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]
 DPI = 200
 
@@ -41,6 +41,15 @@ PUBLISHED = pd.DataFrame([
     ("DS-E", "depthshrinker", 74.43, 474, 5317), ("Uniform-0.35x", "uniform", 54.60, 68, 6266),
     ("MetaPruning-0.35x", "metapruning", 64.50, 52, 7044), ("DS-F", "depthshrinker", 70.13, 415, 10804),
 ], columns=["name", "method", "top1", "mflops", "v100_img_s"])
+# Published ImageNet speed-ups over each paper's own dense network on a GPU: LayerMerge (Kim et al. 2024, PyTorch,
+# 180-epoch finetune, dense = the pretrained network) and DepthShrinker (Fu et al. 2022, V100 throughput ratio
+# over MBV2-1.4, from PUBLISHED).
+LAYERMERGE = pd.DataFrame([
+    ("MBV2-1.0", "1.0", 72.89, 1.00), ("LM-55%", "1.0", 72.99, 1.63), ("LM-46%", "1.0", 72.46, 1.90),
+    ("LM-38%", "1.0", 71.74, 2.18), ("LM-33%", "1.0", 70.99, 2.49), ("MBV2-1.4", "1.4", 76.28, 1.00),
+    ("LM-43%", "1.4", 74.91, 1.99), ("LM-42%", "1.4", 74.48, 2.07), ("LM-35%", "1.4", 73.99, 2.39),
+    ("LM-30%", "1.4", 73.29, 2.72),
+], columns=["name", "width", "top1", "speedup"])
 
 
 def pareto(points: pd.DataFrame, x: str, lower: bool) -> pd.DataFrame:
@@ -134,6 +143,29 @@ def _published(plt, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     paths = _save(fig, out, "published_imagenet")
+    plt.close(fig)
+    return paths + _published_speedup(plt, out)
+
+
+def _published_speedup(plt, out: Path) -> list[Path]:
+    """ImageNet top-1 against the published GPU speed-up over each paper's dense network (not measured here)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for width, points in LAYERMERGE.groupby("width"):
+        ax.plot(points["speedup"], points["top1"], marker="h", color=COLORS["layermerge"], markerfacecolor="none",
+                linestyle="-" if width == "1.0" else ":", label=f"LayerMerge MBV2-{width} (published, Kim et al. "
+                "2024; PyTorch)")
+    ds = PUBLISHED[PUBLISHED["method"].isin(["dense", "depthshrinker"])]
+    ds = ds.assign(speedup=ds["v100_img_s"] / ds.loc[ds["method"] == "dense", "v100_img_s"].iloc[0])
+    ax.scatter(ds["speedup"], ds["top1"], edgecolor=COLORS["depthshrinker"], facecolor="none", marker="o", s=50,
+               label="DepthShrinker MBV2-1.4 (published, Fu et al. 2022; V100 throughput ratio)")
+    for _, row in pd.concat([LAYERMERGE, ds]).iterrows():
+        ax.annotate(row["name"], (row["speedup"], row["top1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GPU speed-up over the paper's dense network [×] (published)")
+    ax.set_ylabel("ImageNet top-1 [%] (published)")
+    ax.set_title("Published depth compression (not measured here)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    paths = _save(fig, out, "published_imagenet_speedup")
     plt.close(fig)
     return paths
 

@@ -26,8 +26,9 @@ READS: dict[str, tuple[str, ...]] = {
     "search": (*_TRAIN, "stages.search", "stages.distill"),
     "extract": (),
     "latency-table": ("data.image_size", "data.batch_size", "model", *_MERGE_PLAN),  # a 10-class head, as above
-    "importance": (*_TRAIN, *_MERGE_PLAN, "stages.finetune.lr", "depthdp"),
-    "depthdp": ("model", "stages.search.latency_target", "depthdp.budget"),
+    "importance": (*_TRAIN, *_MERGE_PLAN, "stages.finetune.lr", "depthdp.adapt_steps", "depthdp.adapt_lr",
+                   "depthdp.holdout_images", "depthdp.calibration_batches"),
+    "depthdp": ("model", "stages.search.latency_target", "depthdp.budget", "depthdp.importance"),
     "finetune": (*_TRAIN, "stages.search.latency_target", "stages.finetune", "stages.distill", "mpc.network"),
     "merge": ("seed", "data", *_MERGE_PLAN),
     "bench-device": ("data.image_size", "bench"),

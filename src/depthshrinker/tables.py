@@ -90,15 +90,21 @@ def cost_table(config: dict, target: str, granularity: str, out: str | Path, rep
             times = time_interleaved({k: v.to(device).eval() for k, v in pair.items()}, x, repeats, 3, 20)
             rows.append({"name": name, **{k: 1e3 * quartiles(t)[0] for k, t in times.items()}})
         note = f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}"
+    write_csv(out, [{"unit": i, **row} for i, row in enumerate(rows)],
+              f"# {target} cost per unit of {m['arch']} at {size}x{size}, {granularity} granularity; "
+              f"unit of measure: {UNITS[target]}; {note}; after = deployed: free_act {m['free_act']}, "
+              f"merge policy {policy['name']}")
+    return rows
+
+
+def write_csv(out: str | Path, rows: list[dict], header: str) -> None:
+    """Write ``rows`` to the CSV ``out`` under the comment line ``header``, atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        f.write(f"# {target} cost per unit of {m['arch']} at {size}x{size}, {granularity} granularity; "
-                f"unit of measure: {UNITS[target]}; {note}; after = deployed: free_act {m['free_act']}, "
-                f"merge policy {policy['name']}\n")
-        writer = csv.DictWriter(f, fieldnames=["unit", *rows[0]])
+        f.write(header + "\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({"unit": i, **row} for i, row in enumerate(rows))
+        writer.writerows(rows)
     os.replace(tmp, out)
-    return rows
