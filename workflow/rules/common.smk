@@ -88,3 +88,36 @@ def mpc_part(wildcards):
     reads the first seed's (bytes and rounds are exact; one latency measurement per architecture)."""
     seed = SEEDS[0] if wildcards.method in ("dense", "uniform") else wildcards.seed
     return f"{RESULTS}/{wildcards.method}/{wildcards.granularity}/{wildcards.keep}/seed{seed}/mpc.json"
+
+
+def searched(wildcards):
+    """The search checkpoint a finetune depends on (SNL element starts from its weights); depthdp has none."""
+    return [] if wildcards.method == "depthdp" else f"{CELL}/search.pt".format(**dict(wildcards.items()))
+
+
+def option_blocks():
+    """PlainNet blocks of the configured model that have activations (each an importance job)."""
+    from depthshrinker.depthdp import block_options
+    from depthshrinker.models import create_model
+
+    model = create_model(config["model"]["arch"], 10, config["model"]["small_input"])
+    return [block for block, _, _ in block_options(model)]
+
+
+def importance_blocks(wildcards):
+    return [f"{RESULTS}/depthdp/importance/seed{wildcards.seed}/{block}.json" for block in option_blocks()]
+
+
+def matched_mask(wildcards):
+    """The DepthShrinker block cell whose mask's latency is the budget (``depthdp.budget: match``)."""
+    if config["depthdp"]["budget"] != "match":
+        return []
+    return f"{RESULTS}/depthshrinker/block/{wildcards.keep}/seed{wildcards.seed}/mask.json"
+
+
+def latency_of_target(wildcards):
+    """The depthdp latency table of the deploy target."""
+    target = config["stages"]["search"]["latency_target"]
+    if target == "none":
+        raise ValueError("depthdp needs stages.search.latency_target cpu, gpu or mpc (its latency table)")
+    return f"{RESULTS}/latency/{target}-options.csv"

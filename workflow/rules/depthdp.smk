@@ -1,35 +1,7 @@
 # depthdp cells (Kim et al., ICML 2023): the latency table of every block option, the importance table (one job
 # per block, so it fans out and an interrupted table resumes where it stopped), then the DP writes the cell's
-# mask.json; finetune, merge, benchmarks and row are a DepthShrinker cell's.
-DP = config["depthdp"]
+# mask.json; finetune, merge, benchmarks and row are a DepthShrinker cell's. Input functions: common.smk.
 IMPORTANCE = f"{RESULTS}/depthdp/importance/seed{{seed}}"
-
-
-def option_blocks():
-    """PlainNet blocks of the configured model that have activations (each an importance job)."""
-    from depthshrinker.depthdp import block_options
-    from depthshrinker.models import create_model
-
-    model = create_model(config["model"]["arch"], 10, config["model"]["small_input"])
-    return [block for block, _, _ in block_options(model)]
-
-
-def importance_blocks(wildcards):
-    return [f"{IMPORTANCE}/{block}.json".format(seed=wildcards.seed) for block in option_blocks()]
-
-
-def matched_mask(wildcards):
-    """The DepthShrinker block cell whose mask's latency is the budget (``depthdp.budget: match``)."""
-    if DP["budget"] != "match":
-        return []
-    return f"{RESULTS}/depthshrinker/block/{wildcards.keep}/seed{wildcards.seed}/mask.json"
-
-
-def latency_of_target(wildcards):
-    target = config["stages"]["search"]["latency_target"]
-    if target == "none":
-        raise ValueError("depthdp needs stages.search.latency_target cpu, gpu or mpc (its latency table)")
-    return f"{RESULTS}/latency/{target}-options.csv"
 
 
 rule latency_table:

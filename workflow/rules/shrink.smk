@@ -56,7 +56,7 @@ rule finetune:
         dense=DENSE,
         mask=f"{CELL}/mask.json",
         # SNL element finetunes from the searched weights (mask.json's `init`); depthdp has no search
-        search=lambda w: [] if w.method == "depthdp" else CELL.format(**dict(w.items())) + "/search.pt",
+        search=searched,
     output:
         model=f"{CELL}/model.pt",
         metrics=f"{CELL}/model.json",
