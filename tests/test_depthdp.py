@@ -478,3 +478,23 @@ def test_plan_end_to_end_then_finetune(importances, mpc_table, tmp_path):
     spec = load(tmp_path / "ft.pt")["spec"]
     assert spec["mask"]["granularity"] == "layer" and spec["mask"]["keep"] == mask["keep"]
     assert metrics["row"] == mask["row"]
+
+
+def test_importance_is_top1_gained_or_loss_saved_over_dense(tmp_path):
+    write_json(tmp_path / "dense.json", {"block": "dense", "options": [{"bits": "", "top1": 90.0, "loss": 0.5}]})
+    write_json(tmp_path / "3.json", {"block": "3", "options": [{"bits": "10", "top1": 88.0, "loss": 0.75},
+                                                             {"bits": "00", "top1": 91.0, "loss": 0.25}]})
+    paths = (tmp_path / "dense.json", [tmp_path / "3.json"])
+    assert depthdp.importance_table(*paths) == {(3, "10"): -2.0, (3, "00"): 1.0}
+    assert depthdp.importance_table(*paths, "loss") == {(3, "10"): -0.25, (3, "00"): 0.25}
+
+
+def test_cpu_latency_table_times_every_deployed_option(mpc_table, tmp_path):
+    config, _, mpc_rows = mpc_table
+    rows = depthdp.latency_table(config, "cpu", tmp_path / "cpu.csv", repeats=2)
+    header = (tmp_path / "cpu.csv").read_text().splitlines()[0]
+    assert "unit of measure: ms" in header and "measured on cpu, batch 1" in header
+    assert all(r["latency"] > 0 for r in rows)
+    # the same deployed networks as the MPC table: the merge plan is the config's deploy target's, not the table's
+    assert [(r["block"], r["bits"], r["segments"]) for r in rows] == \
+        [(r["block"], r["bits"], r["segments"]) for r in mpc_rows]
