@@ -58,16 +58,17 @@ def _staircase(feasible):
 
 
 @st.composite
-def _instances(draw, integer: bool):
+def _instances(draw, integer: bool, kept: bool = False):
     n = draw(st.integers(1, 5))
     if integer:
         lat, imp = st.integers(0, 20), st.integers(-10, 10)
     else:
         lat = st.floats(0, 1e3, allow_nan=False, allow_infinity=False)
         imp = st.floats(-100, 100, allow_nan=False, allow_infinity=False)
-    blocks = [draw(st.lists(st.tuples(lat, imp), min_size=1, max_size=4)) for _ in range(n)]
-    cheapest = sum(min(t for t, _ in options) for options in blocks)
-    dearest = sum(max(t for t, _ in options) for options in blocks)
+    option = st.tuples(lat, imp, st.integers(0, 2)) if kept else st.tuples(lat, imp)
+    blocks = [draw(st.lists(option, min_size=1, max_size=4)) for _ in range(n)]
+    cheapest = sum(min(o[0] for o in options) for options in blocks)
+    dearest = sum(max(o[0] for o in options) for options in blocks)
     how = draw(st.sampled_from(["between", "a choice", "infeasible"]))
     if how == "infeasible":
         budget = cheapest - 1 if integer else cheapest * (1 - 1e-6) - 1e-6
@@ -116,6 +117,25 @@ def test_solve_equals_brute_force_on_integer_instances(instance):
     _check_against_brute_force(*instance, integer=True)
 
 
+@settings(max_examples=300, deadline=None)
+@given(_instances(integer=True, kept=True))
+def test_solve_is_lexicographic_in_importance_kept_latency_against_brute_force(instance):
+    """Options with a count of kept activations: the optimum is lexicographic (most important, then keeps the
+    most, then fastest), as brute force finds it."""
+    blocks, budget = instance
+    feasible = [(lat, imp, sum(blocks[b][o][2] for b, o in enumerate(choice)), choice)
+                for lat, imp, choice in _brute(blocks, budget)]
+    if not feasible:
+        with pytest.raises(ConfigError):
+            depthdp.solve(blocks, budget)
+        return
+    choice, total, gained, _ = depthdp.solve(blocks, budget)
+    kept = sum(blocks[b][o][2] for b, o in enumerate(choice))
+    best = max((imp, k, -lat) for lat, imp, k, _ in feasible)
+    assert (gained, kept, -total) == best
+    assert total == sum(blocks[b][o][0] for b, o in enumerate(choice)) <= budget
+
+
 def test_solve_finds_the_optimum_where_greedy_fails():
     """Greedy by importance lost per latency saved takes A's middle option first (5 saved for 1 point) and then
     has to give 3 or 3.5 more points; the optimum leaves A whole and removes B (3.5 points in all)."""
@@ -129,11 +149,16 @@ def test_solve_finds_the_optimum_where_greedy_fails():
         depthdp.solve([a, b], -1.0)
 
 
-def test_solve_breaks_ties_by_latency_then_by_the_earlier_option():
+def test_solve_breaks_ties_by_activations_kept_then_latency():
     assert depthdp.solve([[(3.0, 1.0), (1.0, 1.0)]], 5.0)[:3] == ([1], 1.0, 1.0)
     assert depthdp.solve([[(2.0, 1.0), (2.0, 1.0)]], 5.0)[:3] == ([0], 2.0, 1.0)
     # a positive importance beats keeping the block whole, even at a higher latency than needed
     assert depthdp.solve([[(1.0, 0.0), (4.0, 0.5)]], 5.0)[:3] == ([1], 4.0, 0.5)
+    # equally important: the option that keeps more activations, though slower, while the budget allows it
+    both = [[(4.0, 0.0, 2), (1.0, 0.0, 1), (0.5, 0.0, 0)], [(3.0, 0.0, 1), (0.0, 0.0, 0)]]
+    assert depthdp.solve(both, 7.0)[:3] == ([0, 0], 7.0, 0.0)
+    assert depthdp.solve(both, 6.0)[:3] == ([1, 0], 4.0, 0.0)  # 2 kept at 4.0 (as 2 + 0 kept, found later)
+    assert depthdp.solve(both, 3.9)[:3] == ([1, 1], 1.0, 0.0)  # 1 kept: the faster of the two ways
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,8 +298,8 @@ def _synthetic_reports(folder, options, gains, base=50.0):
 
 def _independent_table(options, csv_path, gains):
     latency = {(int(r["block"]), r["bits"]): float(r["latency"]) for r in _csv_rows(csv_path)}
-    return [[(latency[b, depthdp.bits_key(bits)], gains.get((b, depthdp.bits_key(bits)), 0.0)) for bits in opts]
-            for b, _, opts in options]
+    return [[(latency[b, depthdp.bits_key(bits)], gains.get((b, depthdp.bits_key(bits)), 0.0), sum(bits))
+             for bits in opts] for b, _, opts in options]
 
 
 def _check_mask(mask, out, options, table, config):
@@ -297,10 +322,10 @@ def _check_mask(mask, out, options, table, config):
         bits = "".join(str(mask["keep"][u]) for u in units_b)
         assert entry["bits"] == bits
         o = [depthdp.bits_key(x) for x in opts].index(bits)
-        assert (entry["latency"], entry["importance"]) == row[o]
+        assert (entry["latency"], entry["importance"]) == row[o][:2]
         chosen.append(row[o])
-    assert dp["latency"] == pytest.approx(sum(t for t, _ in chosen), rel=1e-12)
-    assert dp["importance"] == pytest.approx(sum(i for _, i in chosen), rel=1e-12, abs=1e-12)
+    assert dp["latency"] == pytest.approx(sum(o[0] for o in chosen), rel=1e-12)
+    assert dp["importance"] == pytest.approx(sum(o[1] for o in chosen), rel=1e-12, abs=1e-12)
     assert dp["latency"] <= dp["budget_latency"] * (1 + TOL)
     assert dp["dense_latency"] == pytest.approx(sum(row[0][0] for row in table), rel=1e-12)
     assert mask["row"] == {"dp_budget_fraction": pytest.approx(dp["budget_latency"] / dp["dense_latency"]),

@@ -19,9 +19,9 @@ plan. The tables, one row per (block, option):
   ``depthdp.importance: loss``, the cross-entropy it saves over the dense network (where top-1 saturates);
   at most 0 (``importance_table``). Never the test split.
 
-``solve`` is the DP: one option per block maximising Σ importance with Σ latency ≤ T₀, exact (a Pareto front of
-(latency, importance) over the blocks instead of Kim et al.'s latency grid, so no rounding of latencies); ties go
-to the lower latency. ``plan`` writes the choice as a mask in the format ``finetune`` reads (``keep`` over the
+``solve`` is the DP: one option per block maximising Σ importance with Σ latency ≤ T₀, exact (a front of
+non-dominated (latency, importance, activations kept) over the blocks instead of Kim et al.'s latency grid, so no
+rounding of latencies); ties go to more activations kept, then to the lower latency. ``plan`` writes the choice as a mask in the format ``finetune`` reads (``keep`` over the
 ``layer`` units), so the rest of the cell is DepthShrinker's. The budget is ``keep`` × the dense blocks' latency,
 or, with ``depthdp.budget: match``, the latency of the DepthShrinker block cell at the same keep ratio under the
 same table (equal cost by construction). Not done: LayerMerge's pruned conv layers (Kim et al., ICML 2024).
@@ -32,6 +32,7 @@ import copy
 import csv
 import dataclasses
 import itertools
+import math
 from pathlib import Path
 
 import torch
@@ -52,24 +53,31 @@ TARGETS = ("cpu", "gpu", "mpc")
 TOLERANCE = 1e-9  # relative: a sum of the same latencies in another order still meets its own budget
 
 
-def solve(blocks: list[list[tuple[float, float]]], budget: float) -> tuple[list[int], float, float, int]:
-    """Exact DP over blocks: ``blocks[b][o] = (latency, importance)`` of option ``o`` of block ``b``; returns
-    (option per block, Σ latency, Σ importance, size of the last Pareto front) maximising Σ importance subject to
-    Σ latency ≤ ``budget`` (latencies ≥ 0), the lower latency on ties (exact ties: the first found in front
-    order, deterministic). Raises ConfigError when no choice fits."""
+def solve(blocks: list[list[tuple]], budget: float) -> tuple[list[int], float, float, int]:
+    """Exact DP over blocks: ``blocks[b][o] = (latency, importance[, kept])`` of option ``o`` of block ``b``;
+    returns (option per block, Σ latency, Σ importance, size of the last front) maximising Σ importance subject to
+    Σ latency ≤ ``budget`` (latencies ≥ 0); ties go to more Σ kept (an integer, 0 when not given: activations
+    kept, so that removals the importance cannot tell from free are made only as far as the budget needs), then
+    to the lower latency (exact ties: the first found, deterministic). Raises ConfigError when no choice fits.
+
+    A partial choice is dropped when another is no slower, no less important and keeps no fewer: every
+    completion of the dropped one is at best matched by the same completion of the other."""
     limit = budget * (1 + TOLERANCE) + TOLERANCE
-    front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    kept_of = lambda option: option[2] if len(option) > 2 else 0  # noqa: E731
+    top = sum(max(kept_of(o) for o in options) for options in blocks)
+    front: list[tuple[float, float, int, tuple[int, ...]]] = [(0.0, 0.0, 0, ())]
     for options in blocks:
-        grown = sorted(((t + lt, i + li, choice + (o,)) for t, i, choice in front
-                        for o, (lt, li) in enumerate(options) if t + lt <= limit), key=lambda c: (c[0], -c[1]))
-        front = []
-        for candidate in grown:  # keep what no cheaper (or equally cheap, listed earlier) choice beats
-            if not front or candidate[1] > front[-1][1]:
+        grown = sorted(((t + o[0], i + o[1], k + kept_of(o), choice + (n,)) for t, i, k, choice in front
+                        for n, o in enumerate(options) if t + o[0] <= limit), key=lambda c: (c[0], -c[1], -c[2]))
+        front, best = [], [-math.inf] * (top + 1)  # best[k]: the most important kept state keeping exactly k
+        for candidate in grown:  # in order of latency: kept unless a kept one keeps ≥ as many and is ≥ as important
+            if max(best[candidate[2]:]) < candidate[1]:
                 front.append(candidate)
+                best[candidate[2]] = candidate[1]
         if not front:
-            cheapest = sum(min(t for t, _ in options) for options in blocks)
+            cheapest = sum(min(o[0] for o in options) for options in blocks)
             raise ConfigError(f"depthdp: no choice fits the budget {budget:.6g} (the cheapest costs {cheapest:.6g})")
-    latency, importance, choice = front[-1]
+    latency, importance, _, choice = max(front, key=lambda c: (c[1], c[2], -c[0]))
     return list(choice), latency, importance, len(front)
 
 
@@ -234,7 +242,8 @@ def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Pa
                 raise ConfigError(f"{latency_csv}: no latency for block {b} option {bits_key(bits)}")
             if 0 in bits and (b, bits_key(bits)) not in gain:
                 raise ConfigError(f"depthdp: no importance for block {b} option {bits_key(bits)}")
-        table.append([(latency[b, bits_key(bits)], gain[b, bits_key(bits)] if 0 in bits else 0.0) for bits in opts])
+        table.append([(latency[b, bits_key(bits)], gain[b, bits_key(bits)] if 0 in bits else 0.0, sum(bits))
+                      for bits in opts])
     dense_latency = sum(row[0][0] for row in table)
     if match is not None:
         ds = layer_keep_of(read_mask(match), model)
