@@ -7,8 +7,8 @@ import pytest
 from depthshrinker.checkpoint import write_json
 from depthshrinker.cli import main
 from depthshrinker.config import ConfigError
-from depthshrinker.report import (COLUMNS, END, START, CountMismatch, aggregate, by_cell, cell_row, iqr_column,
-                                  render_table, summarize, table)
+from depthshrinker.report import (COLUMNS, END, START, CountMismatch, aggregate, by_cell, cell_row, compare,
+                                  iqr_column, render_table, summarize, table)
 
 T2 = 4.302653  # Student t 97.5 % quantile, 2 degrees of freedom
 WILSON_350_359 = (95.3049, 98.6756)  # tests/test_stats.py, in %
@@ -180,3 +180,23 @@ def test_row_from_malformed_metrics_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"model.json is not valid JSON"):
         cell_row("dense", "full", 1.0, tmp_path / "model.pt", [], tmp_path / "row.json")
     assert not (tmp_path / "row.json").exists()
+
+
+def test_compare_gives_paired_differences_per_seed_with_a_t_interval(tmp_path):
+    rows = pd.DataFrame([
+        {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 0, "top1": 90.0, "mpc_rounds": 160},
+        {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 1, "top1": 80.0, "mpc_rounds": 150},
+        {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, "seed": 1, "top1": 84.0,
+         "mpc_rounds": 170},
+        {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, "seed": 0, "top1": 92.0,
+         "mpc_rounds": 170},
+    ])
+    rows.to_csv(tmp_path / "s.csv", index=False)
+    text = compare(tmp_path / "s.csv", "depthdp/merge", "depthshrinker/block", tmp_path / "c.md")
+    lines = text.splitlines()
+    assert (tmp_path / "c.md").read_text() == text
+    # seeds matched by number, not row order; mean ± t(0.975, 1) · s / √2 = 12.706 · s / √2
+    assert lines[2] == "| 0.4 | top1 | -2, -4 | -3 | [-15.7, +9.71] |"  # s = √2
+    assert lines[3] == "| 0.4 | mpc_rounds | -10, -20 | -15 | [-78.5, +48.5] |"  # s = √50
+    with pytest.raises(ConfigError, match="no rows of 'snl/channel'"):
+        compare(tmp_path / "s.csv", "snl/channel", "depthshrinker/block")

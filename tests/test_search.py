@@ -32,7 +32,7 @@ def test_extract_keeps_the_smallest_scores_deterministically(tmp_path):
         scores[i] = -1.0 + i / 100
     path = _search_ckpt(tmp_path, scores)
     a = extract(path, tmp_path / "a.json")
-    b = extract(path, tmp_path / "b.json")
+    extract(path, tmp_path / "b.json")
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     assert [i for i, k in enumerate(a["keep"]) if k] == [0, 3, 5, 7, 11, 13, 17, 18]
     assert a["num_kept"] == sum(a["keep"]) == 8

@@ -158,6 +158,12 @@ def cmd_aggregate(args):
     return {"cells": len(aggregate(args.summary, args.out, args.test_images)), "out": args.out}
 
 
+def cmd_compare(args):
+    from .report import compare
+
+    return {"rows": len(compare(args.summary, args.a, args.b, args.out).splitlines()) - 2, "out": args.out}
+
+
 def cmd_plots(args):
     from .figures import plots
 
@@ -276,6 +282,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="aggregate CSV to write (e.g. results/summary_by_cell.csv)")
     s.add_argument("--test-images", type=int, default=None,
                    help="held-out images behind top-1, where the rows lack a test_images column")
+    s = add("compare", cmd_compare, "paired per-seed differences of two methods' cells, with 95 %% t-intervals")
+    s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
+    s.add_argument("--a", required=True, help="method/granularity, e.g. depthdp/merge")
+    s.add_argument("--b", required=True, help="method/granularity, e.g. depthshrinker/block")
+    s.add_argument("--out", required=True, help="Markdown table to write")
     s = add("plots", cmd_plots, "accuracy vs cost figures (PNG and PDF) with intervals and the Pareto front")
     s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
     s.add_argument("--out", required=True, help="folder for the PNGs and PDFs")

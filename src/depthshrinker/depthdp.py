@@ -21,8 +21,9 @@ plan. The tables, one row per (block, option):
 
 ``solve`` is the DP: one option per block maximising Σ importance with Σ latency ≤ T₀, exact (a front of
 non-dominated (latency, importance, activations kept) over the blocks instead of Kim et al.'s latency grid, so no
-rounding of latencies); ties go to more activations kept, then to the lower latency. ``plan`` writes the choice as a mask in the format ``finetune`` reads (``keep`` over the
-``layer`` units), so the rest of the cell is DepthShrinker's. The budget is ``keep`` × the dense blocks' latency,
+rounding of latencies); ties go to more activations kept, then to the lower latency. ``plan`` writes the choice
+as a mask in the format ``finetune`` reads (``keep`` over the ``layer`` units), so the rest of the cell is
+DepthShrinker's. The budget is ``keep`` × the dense blocks' latency,
 or, with ``depthdp.budget: match``, the latency of the DepthShrinker block cell at the same keep ratio under the
 same table (equal cost by construction). Not done: LayerMerge's pruned conv layers (Kim et al., ICML 2024).
 """
@@ -121,7 +122,8 @@ def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) 
     batch = config["data"]["batch_size"] if target == "gpu" else 1
     rows = []
     for block, units, options in block_options(model):
-        nets = {bits: shrunk(model, "layer", keep_list(num_units, units, bits), policy, m["free_act"]) for bits in options}
+        nets = {bits: shrunk(model, "layer", keep_list(num_units, units, bits), policy, m["free_act"])
+                for bits in options}
         shape = tuple(inputs[block].shape[1:])
         if target == "mpc":
             costs = {bits: mpc_cost.block_cost(net.spec["blocks"][block], shape)[0] for bits, net in nets.items()}
@@ -132,9 +134,10 @@ def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) 
             times = time_interleaved({bits: net.blocks[block].to(device).eval() for bits, net in nets.items()},
                                      x, repeats, 3, 20)
             measured = {bits: {"latency": 1e3 * quartiles(t)[0]} for bits, t in times.items()}
+        segments = {bits: " ".join("-".join(map(str, seg)) for seg in net.spec["blocks"][block]["merged_from"])
+                    for bits, net in nets.items()}
         rows += [{"block": block, "units": " ".join(map(str, units)), "bits": bits_key(bits),
-                  "segments": " ".join("-".join(map(str, seg)) for seg in nets[bits].spec["blocks"][block]["merged_from"]),
-                  **measured[bits]} for bits in options]
+                  "segments": segments[bits], **measured[bits]} for bits in options]
     note = (f"two-party CrypTen cost model, {config['mpc']['network']} preset" if target == "mpc" else
             f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}")
     write_csv(out, rows, f"# depthdp latency per block option of {m['arch']} at {size}x{size}; unit of measure: "

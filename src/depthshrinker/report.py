@@ -303,3 +303,34 @@ def table(by_cell_csv: str | Path, readme: str | Path | None = None, out: str | 
         head, rest = old.split(START)
         readme.write_text(f"{head}{START}\n{text}{END}{rest.split(END, 1)[1]}")
     return text
+
+
+PAIRED = ("top1", "mpc_latency_s", "mpc_comm_mb", "mpc_rounds", "mpc_preproc_mb", "mpc_est_lan_s", "cpu_speedup")
+
+
+def compare(summary: str | Path, a: str, b: str, out: str | Path | None = None,
+            columns: tuple[str, ...] = PAIRED) -> str:
+    """Markdown: cell ``a`` minus cell ``b`` (``method/granularity``) per keep ratio and column, seed by seed,
+    with the mean and its 95 % t-interval over seeds. Paired: the same seed shares the dense teacher, the split
+    and the held-out images, so the seed-to-seed spread of both cells cancels. ``out``: also write it there."""
+    rows = pd.read_csv(summary)
+    cells = {}
+    for name in (a, b):
+        method, _, granularity = name.partition("/")
+        cells[name] = rows[(rows["method"] == method) & (rows["granularity"] == granularity)]
+        if cells[name].empty:
+            raise ConfigError(f"compare: no rows of '{name}' in {summary}")
+    lines = [f"| keep | {a} − {b} | per seed | mean | 95 % interval |", "|---|---|---|---|---|"]
+    for keep in sorted(set(cells[a]["keep_ratio"]) & set(cells[b]["keep_ratio"])):
+        left, right = (cells[n][cells[n]["keep_ratio"] == keep].set_index("seed") for n in (a, b))
+        for column in (c for c in columns if c in rows):
+            diff = (left[column] - right[column]).dropna().sort_index()
+            if diff.empty:
+                continue
+            lo, hi = t_interval(diff.tolist()) if len(diff) >= 2 else (float("nan"), float("nan"))
+            seeds = ", ".join(f"{v:+.3g}" for v in diff)
+            lines.append(f"| {keep:g} | {column} | {seeds} | {diff.mean():+.3g} | [{lo:+.3g}, {hi:+.3g}] |")
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        Path(out).write_text(text)
+    return text
