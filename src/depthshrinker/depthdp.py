@@ -165,8 +165,8 @@ class ImportanceConfig:
 
 
 def importance(config: dict, dense_ckpt: str | Path, block: str, out: str | Path) -> dict:
-    """Stage: selection-split top-1 of the dense network with each option of PlainNet block ``block`` that removes
-    an activation (``"dense"``: the dense network itself, the reference), each after the same short finetune;
+    """Stage: selection-split top-1 and loss of the dense network with each option of PlainNet block ``block`` that
+    removes an activation (``"dense"``: the dense network itself, the reference), each after the same short finetune;
     writes ``out`` (JSON: ``{"block", "options": [{"bits", "top1", "loss"}]}``)."""
     from .pruning import scorer
     from .train import Recipe
@@ -238,7 +238,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Pa
     model = create_model(m["arch"], 10, m["small_input"])
     latency = read_latency_table(latency_csv)
     gain = importance_table(reference, blocks, config["depthdp"]["importance"])
-    options, table = block_options(model), []  # table[b][o] = (latency, importance) of option o of block b
+    options, table = block_options(model), []  # table[b][o]: (latency, importance, kept) of option o of b
     for b, _, opts in options:
         for bits in opts:
             if (b, bits_key(bits)) not in latency:
