@@ -347,6 +347,29 @@ def _ds_mask(folder, keep_ratio=0.5):
     return folder / "ds.json", keep
 
 
+def _plan_fraction(config, csv_path, reference, blocks, folder, options, table):
+    """plan at half the dense latency, its mask checked; (mask, dense latency)."""
+    dense_latency = sum(row[0][0] for row in table)
+    fraction = {**config, "depthdp": {**config["depthdp"], "budget": "fraction"}}
+    mask = depthdp.plan(fraction, 0.5, csv_path, reference, blocks, folder / "frac.json")
+    _check_mask(mask, folder / "frac.json", options, table, fraction)
+    assert mask["dp"]["budget_latency"] == pytest.approx(0.5 * dense_latency, rel=1e-12)
+    return mask, dense_latency
+
+
+def _plan_match(config, csv_path, reference, blocks, folder, options, table):
+    """plan matched to a DepthShrinker block mask, its mask checked; (mask, DS mask path, DS latency, DS
+    importance), the DepthShrinker pattern's sums in the same tables."""
+    match = {**config, "depthdp": {**config["depthdp"], "budget": "match"}}
+    ds_path, ds_keep = _ds_mask(folder)
+    mask = depthdp.plan(match, 0.5, csv_path, reference, blocks, folder / "match.json", match=ds_path)
+    _check_mask(mask, folder / "match.json", options, table, match)
+    ds_latency = sum(row[0 if k else -1][0] for row, k in zip(table, ds_keep))
+    ds_importance = sum(row[0 if k else -1][1] for row, k in zip(table, ds_keep))
+    assert mask["dp"]["budget_latency"] == pytest.approx(ds_latency, rel=1e-12)
+    return mask, ds_path, ds_latency, ds_importance
+
+
 def test_plan_with_synthetic_importances_is_the_dp_optimum(mpc_table, tmp_path):
     """Importances known exactly (multiples of 1/4, so their sums are exact): the plan is solve's choice on the
     tables read independently, and with budget match at least as good as DepthShrinker's own pattern."""
@@ -357,27 +380,18 @@ def test_plan_with_synthetic_importances_is_the_dp_optimum(mpc_table, tmp_path):
     gains = {(b, depthdp.bits_key(bits)): -rng.randrange(0, 40) / 4 for b, _, opts in options for bits in opts[1:]}
     reference, blocks = _synthetic_reports(tmp_path, options, gains)
     table = _independent_table(options, csv_path, gains)
-    dense_latency = sum(row[0][0] for row in table)
 
-    fraction = {**config, "depthdp": {**config["depthdp"], "budget": "fraction"}}
-    mask = depthdp.plan(fraction, 0.5, csv_path, reference, blocks, tmp_path / "frac.json")
-    _check_mask(mask, tmp_path / "frac.json", options, table, fraction)
+    mask, dense_latency = _plan_fraction(config, csv_path, reference, blocks, tmp_path, options, table)
     assert mask["keep_ratio"] == 0.5
     assert mask["dp"]["budget"] == "fraction"
-    assert mask["dp"]["budget_latency"] == pytest.approx(0.5 * dense_latency, rel=1e-12)
     choice, total, gained, front = depthdp.solve(table, 0.5 * dense_latency)
     assert [o["bits"] for o in mask["dp"]["options"]] == [depthdp.bits_key(opts[o])
                                                           for (_, _, opts), o in zip(options, choice)]
     assert (mask["dp"]["latency"], mask["dp"]["importance"], mask["dp"]["pareto_front"]) == (total, gained, front)
 
-    match = {**config, "depthdp": {**config["depthdp"], "budget": "match"}}
-    ds_path, ds_keep = _ds_mask(tmp_path)
-    mask = depthdp.plan(match, 0.5, csv_path, reference, blocks, tmp_path / "match.json", match=ds_path)
-    _check_mask(mask, tmp_path / "match.json", options, table, match)
-    ds_latency = sum(row[0 if k else -1][0] for row, k in zip(table, ds_keep))
-    ds_importance = sum(row[0 if k else -1][1] for row, k in zip(table, ds_keep))
+    mask, ds_path, ds_latency, ds_importance = _plan_match(config, csv_path, reference, blocks, tmp_path, options,
+                                                           table)
     assert mask["dp"]["budget"] == "match" and mask["dp"]["match"] == str(ds_path)
-    assert mask["dp"]["budget_latency"] == pytest.approx(ds_latency, rel=1e-12)
     assert mask["dp"]["latency"] <= ds_latency * (1 + TOL)
     assert mask["dp"]["importance"] >= ds_importance
     assert mask["dp"]["importance"] == depthdp.solve(table, ds_latency)[2]
@@ -480,22 +494,12 @@ def test_plan_end_to_end_then_finetune(importances, mpc_table, tmp_path):
     options = depthdp.block_options(create_model("mobilenetv2_100", 10, True))
     gains = depthdp.importance_table(reference_path, paths)
     table = _independent_table(options, csv_path, gains)
-    dense_latency = sum(row[0][0] for row in table)
 
-    fraction = {**config, "depthdp": {**config["depthdp"], "budget": "fraction"}}
-    mask = depthdp.plan(fraction, 0.5, csv_path, reference_path, paths, tmp_path / "frac.json")
-    _check_mask(mask, tmp_path / "frac.json", options, table, fraction)
-    assert mask["dp"]["budget_latency"] == pytest.approx(0.5 * dense_latency, rel=1e-12)
+    mask, dense_latency = _plan_fraction(config, csv_path, reference_path, paths, tmp_path, options, table)
     assert mask["dp"]["latency"] <= mask["dp"]["budget_latency"]
     assert mask["dp"]["importance"] == depthdp.solve(table, 0.5 * dense_latency)[2]
 
-    match = {**config, "depthdp": {**config["depthdp"], "budget": "match"}}
-    ds_path, ds_keep = _ds_mask(tmp_path)
-    matched = depthdp.plan(match, 0.5, csv_path, reference_path, paths, tmp_path / "match.json", match=ds_path)
-    _check_mask(matched, tmp_path / "match.json", options, table, match)
-    ds_latency = sum(row[0 if k else -1][0] for row, k in zip(table, ds_keep))
-    ds_importance = sum(row[0 if k else -1][1] for row, k in zip(table, ds_keep))
-    assert matched["dp"]["budget_latency"] == pytest.approx(ds_latency, rel=1e-12)
+    matched, _, _, ds_importance = _plan_match(config, csv_path, reference_path, paths, tmp_path, options, table)
     assert matched["dp"]["importance"] >= ds_importance
 
     # finetuning takes the mask: the student has exactly its activations, and the summary row comes along

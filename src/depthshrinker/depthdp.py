@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import itertools
 import math
 from pathlib import Path
@@ -46,11 +47,9 @@ from .finetune import read_mask
 from .gates import apply_keep
 from .models import activation_units, create_model
 from .mpc import cost as mpc_cost
-from .plain import to_plain
 from .plan import merge_policy
-from .tables import UNITS, block_inputs, shrunk, unit_blocks, write_csv
+from .tables import UNITS, block_inputs, shrunk, table_model, unit_blocks, write_csv
 
-TARGETS = ("cpu", "gpu", "mpc")
 TOLERANCE = 1e-9  # relative: a sum of the same latencies in another order still meets its own budget
 
 
@@ -110,20 +109,16 @@ def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) 
     """Stage: write ``out`` (CSV, ``#`` header naming the target and unit): per block and option its keep
     ``bits``, the deployed ``segments`` (original conv indices per conv) and ``latency`` (plus bytes and rounds
     for ``mpc``); a 10-class head, as the cost table."""
-    if target not in TARGETS:
-        raise ConfigError(f"depthdp: no latency table for target '{target}' (one of {', '.join(TARGETS)})")
-    if target == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("depthdp: target 'gpu' needs a CUDA device")
+    model, net = table_model(config, target, "depthdp", "latency table")
     m, size = config["model"], config["data"]["image_size"]
-    model = create_model(m["arch"], 10, m["small_input"]).eval()
-    inputs = block_inputs(to_plain(model), size)
+    inputs = block_inputs(net, size)
     policy, num_units = merge_policy(config), len(activation_units(model, "layer"))
     device = "cuda" if target == "gpu" else "cpu"
     batch = config["data"]["batch_size"] if target == "gpu" else 1
     rows = []
-    for block, units, options in block_options(model):
-        nets = {bits: shrunk(model, "layer", keep_list(num_units, units, bits), policy, m["free_act"])
-                for bits in options}
+    deployed = functools.cache(lambda keep: shrunk(model, "layer", list(keep), policy, m["free_act"]))
+    for block, units, options in block_options(model):  # the all-kept network is deployed once, not per block
+        nets = {bits: deployed(tuple(keep_list(num_units, units, bits))) for bits in options}
         shape = tuple(inputs[block].shape[1:])
         if target == "mpc":
             costs = {bits: mpc_cost.block_cost(net.spec["blocks"][block], shape)[0] for bits, net in nets.items()}
@@ -147,6 +142,8 @@ def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) 
 
 def read_latency_table(path: str | Path) -> dict[tuple[int, str], float]:
     """(block, bits) -> latency of a ``latency_table`` CSV."""
+    if not Path(path).is_file():
+        raise ConfigError(f"file not found: {path}")
     with open(path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     try:

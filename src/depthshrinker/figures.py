@@ -137,14 +137,21 @@ def _published(plt, out: Path) -> list[Path]:
         for _, row in points.iterrows():
             ax.annotate(row["name"], (row["v100_img_s"], row["top1"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
-    ax.set_xlabel("V100 throughput, batch 128 [images/s] (published)")
-    ax.set_ylabel("ImageNet top-1 [%] (published)")
-    ax.set_title("Published points (not measured here)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    paths = _save(fig, out, "published_imagenet")
-    plt.close(fig)
+    paths = _finish_published(plt, fig, ax, out, "published_imagenet", "V100 throughput, batch 128 [images/s]",
+                              "Published points (not measured here)", legend_size=7)
     return paths + _published_speedup(plt, out)
+
+
+def _finish_published(plt, fig, ax, out: Path, stem: str, xlabel: str, title: str, legend_size: int) -> list[Path]:
+    """Labels (marked published), grid and legend of a published-points figure; saved as ``stem`` and closed."""
+    ax.set_xlabel(f"{xlabel} (published)")
+    ax.set_ylabel("ImageNet top-1 [%] (published)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="lower left")
+    paths = _save(fig, out, stem)
+    plt.close(fig)
+    return paths
 
 
 def _published_speedup(plt, out: Path) -> list[Path]:
@@ -160,14 +167,9 @@ def _published_speedup(plt, out: Path) -> list[Path]:
                label="DepthShrinker MBV2-1.4 (published, Fu et al. 2022; V100 throughput ratio)")
     for _, row in pd.concat([LAYERMERGE, ds]).iterrows():
         ax.annotate(row["name"], (row["speedup"], row["top1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("GPU speed-up over the paper's dense network [×] (published)")
-    ax.set_ylabel("ImageNet top-1 [%] (published)")
-    ax.set_title("Published depth compression (not measured here)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left")
-    paths = _save(fig, out, "published_imagenet_speedup")
-    plt.close(fig)
-    return paths
+    return _finish_published(plt, fig, ax, out, "published_imagenet_speedup",
+                             "GPU speed-up over the paper's dense network [×]",
+                             "Published depth compression (not measured here)", legend_size=6)
 
 
 def plots(summary: str | Path, out: str | Path, config: dict | None = None,

@@ -54,16 +54,23 @@ def block_inputs(net: PlainNet, input_size: int) -> list[torch.Tensor]:
     return inputs
 
 
+def table_model(config: dict, target: str, key: str, table: str) -> tuple[torch.nn.Module, PlainNet]:
+    """The configured model with a 10-class head (tables do not depend on the dataset) and its PlainNet, after
+    checking ``target`` (a ConfigError naming ``key`` and the ``table`` otherwise, or when ``gpu`` has no CUDA)."""
+    if target not in UNITS:
+        raise ConfigError(f"{key}: no {table} for target '{target}' (one of {', '.join(UNITS)})")
+    if target == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: target 'gpu' needs a CUDA device")
+    m = config["model"]
+    model = create_model(m["arch"], 10, m["small_input"]).eval()
+    return model, to_plain(model)
+
+
 def cost_table(config: dict, target: str, granularity: str, out: str | Path, repeats: int = 7) -> list[dict]:
     """Write ``out`` (CSV with a ``#`` header naming the target and the unit of measure): one row per unit with
     ``before`` and ``after`` costs."""
-    if target not in UNITS:
-        raise ConfigError(f"stages.search.latency_target: no cost table for '{target}'")
-    if target == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("stages.search.latency_target: 'gpu' needs a CUDA device")
+    model, net = table_model(config, target, "stages.search.latency_target", "cost table")
     m, size = config["model"], config["data"]["image_size"]
-    model = create_model(m["arch"], 10, m["small_input"]).eval()
-    net = to_plain(model)
     names = [u.name for u in activation_units(model, granularity)]
     blocks = unit_blocks(model, granularity)
     inputs = block_inputs(net, size)

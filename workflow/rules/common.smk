@@ -1,5 +1,6 @@
 # Grid helpers: validate the config (schema defaults filled in), expand the cells, and hand each rule the config
 # sections its stage reads (as params, so a change there reruns exactly that job and what depends on it).
+import functools
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -95,8 +96,9 @@ def searched(wildcards):
     return [] if wildcards.method == "depthdp" else f"{CELL}/search.pt".format(**dict(wildcards.items()))
 
 
+@functools.cache
 def option_blocks():
-    """PlainNet blocks of the configured model that have activations (each an importance job)."""
+    """PlainNet blocks of the configured model that have activations (each an importance job); built once."""
     from depthshrinker.depthdp import block_options
     from depthshrinker.models import create_model
 
