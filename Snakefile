@@ -22,4 +22,5 @@ rule all:
     input:
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/summary_by_cell.csv",
+        f"{RESULTS}/paired.md",
         f"{RESULTS}/plots",

@@ -76,7 +76,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert len(ddp) == len(single) == 3
     for a, b in zip(ddp, single):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
-        assert a["val_top1"] == pytest.approx(b["val_top1"])
+        assert a["select_loss"] == pytest.approx(b["select_loss"], rel=1e-4)
+        assert a["select_top1"] == pytest.approx(b["select_top1"])
     assert single[-1]["train_loss"] < single[0]["train_loss"]
     assert torch.load(tmp_path / "ddp.last", weights_only=True)["epoch"] == 3  # written by rank 0

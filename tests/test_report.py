@@ -8,7 +8,8 @@ from depthshrinker.checkpoint import write_json
 from depthshrinker.cli import main
 from depthshrinker.config import ConfigError
 from depthshrinker.report import (COLUMNS, END, START, CountMismatch, aggregate, by_cell, cell_row, compare,
-                                  iqr_column, render_table, summarize, table)
+                                  iqr_column, render_table, summarize, table, verdict)
+from depthshrinker.stats import wilson
 
 T2 = 4.302653  # Student t 97.5 % quantile, 2 degrees of freedom
 WILSON_350_359 = (95.3049, 98.6756)  # tests/test_stats.py, in %
@@ -182,21 +183,52 @@ def test_row_from_malformed_metrics_names_the_file(tmp_path):
     assert not (tmp_path / "row.json").exists()
 
 
-def test_compare_gives_paired_differences_per_seed_with_a_t_interval(tmp_path):
+def test_compare_pairs_by_seed_number_with_a_t_interval_and_a_verdict(tmp_path):
     rows = pd.DataFrame([
         {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 0, "top1": 90.0, "mpc_rounds": 160},
         {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 1, "top1": 80.0, "mpc_rounds": 150},
+        {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 2, "top1": 85.0, "mpc_rounds": 150},
         {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, "seed": 1, "top1": 84.0,
          "mpc_rounds": 170},
         {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, "seed": 0, "top1": 92.0,
          "mpc_rounds": 170},
+        {"method": "snl", "granularity": "pixel", "keep_ratio": 0.4, "seed": 0, "top1": 91.0, "mpc_rounds": 369},
+        {"method": "snl", "granularity": "pixel", "keep_ratio": 0.4, "seed": 1, "top1": 82.0, "mpc_rounds": 369},
     ])
     rows.to_csv(tmp_path / "s.csv", index=False)
-    text = compare(tmp_path / "s.csv", "depthdp/merge", "depthshrinker/block", tmp_path / "c.md")
+    text = compare(tmp_path / "s.csv", [("depthdp/merge", "depthshrinker/block"), ("depthshrinker/block", "snl/pixel")],
+                   tmp_path / "c.md")
     lines = text.splitlines()
     assert (tmp_path / "c.md").read_text() == text
-    # seeds matched by number, not row order; mean ± t(0.975, 1) · s / √2 = 12.706 · s / √2
-    assert lines[2] == "| 0.4 | top1 | -2, -4 | -3 | [-15.7, +9.71] |"  # s = √2
-    assert lines[3] == "| 0.4 | mpc_rounds | -10, -20 | -15 | [-78.5, +48.5] |"  # s = √50
+    # seeds matched by number, not row order, and only the seeds both ran (depthdp's seed 2 has no partner);
+    # mean ± t(0.975, 1) · s / √2 = 12.706 · s / √2
+    assert lines[2] == "| 0.4 | depthdp/merge − depthshrinker/block | top1 | -2, -4 | -3 | [-15.7, +9.71] | " \
+                       "no detectable difference |"  # s = √2
+    assert lines[3] == "| 0.4 | depthdp/merge − depthshrinker/block | mpc_rounds | -10, -20 | -15 | [-78.5, +48.5] | " \
+                       "no detectable difference |"  # s = √50
+    assert lines[5].endswith("| mpc_rounds | -199, -199 | -199 | [-199, -199] | depthshrinker/block better |")
     with pytest.raises(ConfigError, match="no rows of 'snl/channel'"):
-        compare(tmp_path / "s.csv", "snl/channel", "depthshrinker/block")
+        compare(tmp_path / "s.csv", [("snl/channel", "depthshrinker/block")])
+
+
+@pytest.mark.parametrize("column, lo, hi, expected", [
+    ("top1", 0.5, 2.0, "a/x better"), ("top1", -2.0, -0.5, "b/y better"), ("top1", -1.0, 1.0, "no detectable difference"),
+    ("nll", 0.1, 0.2, "b/y better"), ("mpc_rounds", -20, -10, "a/x better"), ("cpu_speedup", 0.1, 0.3, "a/x better"),
+    ("teacher_agreement", float("nan"), float("nan"), "no detectable difference"),
+])
+def test_the_verdict_follows_the_interval_and_which_way_is_better(column, lo, hi, expected):
+    assert verdict(column, lo, hi, "a/x", "b/y") == expected
+
+
+def test_quality_columns_reach_the_row_and_get_intervals(tmp_path):
+    write_json(tmp_path / "model.json", {"top1": 100 * 350 / 359, "nll": 0.11, "teacher_agreement": 100 * 351 / 359,
+                                         "teacher_kl": 0.02, "test_images": 359})
+    row = cell_row("snl", "pixel", 0.4, tmp_path / "model.pt", [], tmp_path / "row.json", seed=0)
+    assert (row["nll"], row["teacher_kl"]) == (0.11, 0.02) and row["teacher_agreement"] == 100 * 351 / 359
+    one = by_cell(pd.DataFrame([row])).iloc[0]
+    assert (one["teacher_agreement_lo"], one["teacher_agreement_hi"]) == pytest.approx(
+        tuple(100 * v for v in wilson(351, 359)))
+    assert math.isnan(one["nll_lo"]) and one["nll_mean"] == 0.11  # one seed: no interval over training runs
+    three = by_cell(pd.DataFrame([{**row, "seed": s, "nll": v} for s, v in enumerate([1.0, 1.1, 1.2])])).iloc[0]
+    half = T2 * 0.1 / math.sqrt(3)
+    assert (three["nll_lo"], three["nll_hi"]) == pytest.approx((1.1 - half, 1.1 + half))

@@ -12,7 +12,7 @@ from depthshrinker.config import validate
 from depthshrinker.finetune import finetune
 from depthshrinker.gates import install_topk_gates
 from depthshrinker.models import activation_units, create_model, offline_weights_path
-from depthshrinker.search import extract, latency_regularizer, search
+from depthshrinker.search import Settling, extract, hard_decisions, latency_regularizer, search
 
 
 def _search_ckpt(tmp_path, scores):
@@ -71,7 +71,11 @@ def test_search_then_finetune_end_to_end(micro_config, tmp_path):
     metrics = finetune(micro_config, dense, tmp_path / "m1.json", tmp_path / "ft.pt")
     spec = load(tmp_path / "ft.pt")["spec"]
     assert spec["mask"]["keep"] == m1["keep"] and sum(m1["keep"]) == 10
-    assert metrics["top1"] > 50, "10 classes: chance is 10 % (seeded: 82 % on CPU)"
+    # what training must do on any machine (the figure itself moves with the CPU's floating-point sums): the
+    # loss falls, and top-1 on 128 held-out images is far above chance (10 %; 25 % is p < 1e-4 by chance)
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    assert metrics["top1"] > 25 and metrics["teacher_agreement"] > 25
+    assert m1["row"]["search_epochs"] == 1 and m1["row"]["search_mask_changes_last_epoch"] >= 0
     assert json.loads((tmp_path / "ft.json").read_text())["stage"] == "finetune"
     again = finetune(micro_config, dense, tmp_path / "m2.json", tmp_path / "ft2.pt")  # same seed, same numbers
     assert again["top1"] == metrics["top1"]
@@ -96,3 +100,23 @@ def test_a_malformed_mask_stops_with_one_line_naming_the_file(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(f"bad.json: {message}", err), err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_settling_counts_the_decisions_that_flipped_during_an_epoch(mbv2):
+    """A unit that flips and flips back within the epoch counts; an epoch without a flip ends a settling search
+    (and only then)."""
+    gates = install_topk_gates(mbv2, activation_units(mbv2), 0.4)  # 8 of 19 keep; zeros: units 0-7 keep
+    settling = Settling(mbv2, stop=True)
+    with torch.no_grad():
+        gates.scores[0] = 1.0  # unit 0 removed, unit 8 kept
+    settling.step(mbv2)
+    with torch.no_grad():
+        gates.scores[0] = -1.0  # and back
+    settling.step(mbv2)
+    record = {}
+    assert settling.epoch_end(0, mbv2, record) is False and record["mask_changes"] == 2
+    settling.step(mbv2)
+    assert settling.epoch_end(1, mbv2, record) is True and record["mask_changes"] == 0
+    assert Settling.summary([record]) == {"mask_changes_last_epoch": 0, "mask_settled": True}
+    assert Settling(mbv2, stop=False).epoch_end(0, mbv2, {}) is False
+    assert hard_decisions(mbv2).sum() == 8

@@ -85,3 +85,54 @@ def test_killed_run_resumes_without_losing_epochs(micro_config, tmp_path):
     assert b"resumed from" in err
     a, b = load(clean)["state_dict"], load(resumed)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_nll_and_teacher_agreement_against_a_hand_computed_case():
+    """Two images, three classes, logits fixed by hand: NLL, top-1, agreement and KL(teacher ‖ student)."""
+    from depthshrinker.train import evaluate
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+        def forward(self, x):
+            return self.logits[x.long().flatten()]
+
+    student = Fixed([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    teacher = Fixed([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    loader = [(torch.tensor([[0.0], [1.0]]), torch.tensor([0, 2]))]
+    m = evaluate(student, loader, reference=teacher)
+    nll = (-math.log(math.e ** 2 / (math.e ** 2 + 2)) - math.log(1 / (math.e + 2))) / 2
+    assert m["top1"] == 50.0 and m["loss"] == pytest.approx(nll, rel=1e-6)
+    assert m["agreement"] == 50.0  # image 0: both say 0; image 1: student 1, teacher 2
+
+    def kl(t, s):
+        p, q = torch.softmax(torch.tensor(t), 0), torch.softmax(torch.tensor(s), 0)
+        return float((p * (p.log() - q.log())).sum())
+
+    assert m["kl"] == pytest.approx((kl([1.0, 0, 0], [2.0, 0, 0]) + kl([0, 0, 3.0], [0, 1.0, 0])) / 2, rel=1e-5)
+    assert evaluate(student, loader, reference=student)["kl"] == 0.0
+    assert "kl" not in evaluate(student, loader)
+
+
+def test_early_stopping_keeps_the_weights_of_the_best_selection_loss(tmp_path):
+    """A learning rate too large to converge: the selection loss rises after some epoch; with patience the run
+    stops `patience` epochs after its best and returns the best epoch's weights (the selection loss they give
+    is the best recorded)."""
+    from depthshrinker.train import evaluate, fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True,
+                                        generator=torch.Generator().manual_seed(0))
+    select = [(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))]
+    net = torch.nn.Linear(4, 3)
+    recipe = Recipe(epochs=30, lr=5.0, momentum=0.9, label_smoothing=0.0, grad_clip=None, patience=2)
+    history = fit(net, train, select, recipe, tmp_path / "x.last")
+    losses = [r["select_loss"] for r in history]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert len(history) == best + 1 + 2 < 30, "stops two epochs after its best"
+    assert [r["best"] for r in history] == [i == best for i in range(len(history))]
+    assert evaluate(net, select)["loss"] == pytest.approx(losses[best], rel=1e-6)
+    assert all(later >= losses[best] for later in losses[best + 1:])

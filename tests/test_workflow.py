@@ -32,33 +32,38 @@ def planned(*args) -> dict[str, int]:
 
 
 def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
+    """12 cells x 3 seeds: DepthShrinker block at 3 keep ratios, SNL channel and pixel at 2, uniform at 2 widths,
+    MetaPruning at 2 matched costs, dense. The benchmarks of seed-independent architectures (dense, uniform,
+    SNL channel/pixel: 7 cells) run once; the cost table once."""
     jobs = planned("--config", f"results={tmp_path}/r")
-    assert jobs == {"train_dense": 1, "cost_table": 1, "search": 9, "extract": 9, "finetune": 9, "train_uniform": 3,
-                    "metaprune": 3, "merge": 16, "bench_device": 16, "bench_mpc": 16, "row": 16, "summarize": 1,
-                    "aggregate": 1, "plots": 1, "all": 1}
+    assert jobs == {"train_dense": 3, "cost_table": 1, "search": 21, "finetune": 21, "train_uniform": 6,
+                    "metaprune": 6, "merge": 36, "bench_device": 36 - 2 * 7, "bench_mpc": 36 - 2 * 7, "row": 36,
+                    "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
 def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path):
     jobs = planned("--configfile", str(ROOT / "config" / "depthdp.yaml"), "--config", f"results={tmp_path}/r")
     # one latency table; one importance job per block with activations (19) plus the dense reference; the DP
     # per cell; the DepthShrinker cells whose masks set the budgets are the grid's own (no extra search)
-    assert jobs == {"train_dense": 1, "cost_table": 1, "latency_table": 1, "importance": 20, "search": 3,
-                    "extract": 3, "depthdp": 3, "finetune": 6, "merge": 7, "bench_device": 7, "bench_mpc": 7,
-                    "row": 7, "summarize": 1, "aggregate": 1, "plots": 1, "all": 1}
+    assert jobs == {"train_dense": 3, "cost_table": 1, "latency_table": 1, "importance": 3 * 20, "search": 9,
+                    "depthdp": 9, "finetune": 18, "merge": 21, "bench_device": 19, "bench_mpc": 19,
+                    "row": 21, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
 def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
-    overlay = tmp_path / "seeds.yaml"
-    overlay.write_text(yaml.safe_dump({"grid": {"seeds": [0, 1, 2]}}))
-    jobs = planned("--configfile", str(overlay), "--config", f"results={tmp_path}/r")
-    # cost table once; the MPC benchmark of dense and uniform cells (seed-independent architectures) once
-    assert jobs["cost_table"] == 1 and jobs["train_dense"] == 3 and jobs["finetune"] == 27 and jobs["row"] == 48
-    assert jobs["bench_mpc"] == 48 - 2 * 4
+    one = planned("--configfile", str(ROOT / "config" / "quick.yaml"), "--config", f"results={tmp_path}/r")
+    three = planned("--config", f"results={tmp_path}/r")
+    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "merge", "row"):
+        assert three[rule] == 3 * one[rule], rule
+    for rule in ("cost_table", "summarize", "aggregate", "paired", "plots"):
+        assert three[rule] == one[rule] == 1, rule
+    # benchmarks: per seed only where the architecture depends on it (DepthShrinker and MetaPruning, 5 cells)
+    assert three["bench_mpc"] - one["bench_mpc"] == three["bench_device"] - one["bench_device"] == 2 * 5
 
 
 def test_one_cell_is_rebuilt_by_naming_its_file(tmp_path):
     jobs = planned(f"{tmp_path}/r/depthshrinker/block/0.6/seed0/mask.json", "--config", f"results={tmp_path}/r")
-    assert jobs == {"train_dense": 1, "cost_table": 1, "search": 1, "extract": 1}
+    assert jobs == {"train_dense": 1, "cost_table": 1, "search": 1}
 
 
 @pytest.mark.parametrize("target", ["depthshrinker/block/1.7/seed0/model.pt", "depthshrinker/block/0.4/seed9/mpc.json",
@@ -86,11 +91,11 @@ def test_lint_is_clean():
 
 # What a one-key change must rerun on the finished tiny grid (dense, DS block 0.5, SNL channel 0.5, uniform 0.5,
 # MetaPruning mpc 0.5: 5 cells, 1 seed). Every change ends in the summary, the aggregate and the plots.
-END = {"summarize": 1, "aggregate": 1, "plots": 1, "all": 1}
+END = {"summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 SHRUNK = {"merge": 3, "bench_device": 3, "bench_mpc": 3, "row": 3, "metaprune": 1}  # DS, SNL, MetaPruning cells
 RERUNS = [
     ({"stages": {"finetune": {"epochs": 2}}}, {"finetune": 2, **SHRUNK, **END}),
-    ({"stages": {"search": {"epochs": 2}}}, {"search": 2, "extract": 2, "finetune": 2, **SHRUNK, **END}),
+    ({"stages": {"search": {"epochs": 2}}}, {"search": 2, "finetune": 2, **SHRUNK, **END}),
     ({"stages": {"uniform": {"epochs": 2}}},
      {"train_uniform": 1, "merge": 1, "bench_device": 1, "bench_mpc": 1, "row": 1, **END}),
     ({"metapruning": {"population": 3}}, {"metaprune": 1, "merge": 1, "bench_device": 1, "bench_mpc": 1, "row": 1, **END}),

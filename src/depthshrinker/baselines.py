@@ -18,9 +18,9 @@ def train_dense(config: dict, out: str | Path) -> dict:
     loaders = build_loaders(config["data"], config["seed"])
     m = config["model"]
     torch.manual_seed(config["seed"])  # the random init (and a new classifier) is part of the run
-    model = create_model(m["arch"], loaders[2], m["small_input"], m["pretrained"])
-    spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders[2], "small_input": m["small_input"]}
-    return train_stage(config, "dense", model, spec, out, loaders)
+    model = create_model(m["arch"], loaders.num_classes, m["small_input"], m["pretrained"])
+    spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders.num_classes, "small_input": m["small_input"]}
+    return train_stage(config, "dense", model, spec, out, loaders, reference=model)  # agrees with itself
 
 
 def train_uniform(config: dict, width: float, dense_ckpt: str | Path, out: str | Path) -> dict:
@@ -29,10 +29,10 @@ def train_uniform(config: dict, width: float, dense_ckpt: str | Path, out: str |
     loaders = build_loaders(config["data"], config["seed"])
     m = config["model"]
     torch.manual_seed(config["seed"])
-    model = create_model(m["arch"], loaders[2], m["small_input"], width=width)
-    spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders[2], "small_input": m["small_input"],
+    model = create_model(m["arch"], loaders.num_classes, m["small_input"], width=width)
+    spec = {"kind": "timm", "arch": m["arch"], "num_classes": loaders.num_classes, "small_input": m["small_input"],
             "width": width}
     distill = config["stages"]["distill"]["enabled"]
-    teacher = load_model(dense_ckpt)[0] if distill else None
-    return train_stage(config, "uniform", model, spec, out, loaders, teacher=teacher, distill=distill,
-                       desc=f"uniform {width}")
+    teacher = load_model(dense_ckpt)[0]
+    return train_stage(config, "uniform", model, spec, out, loaders, teacher=teacher if distill else None,
+                       reference=teacher, distill=distill, desc=f"uniform {width}")

@@ -76,16 +76,23 @@ def gpu_throughput(nets: dict[str, nn.Module], input_size: int, reference: str, 
     return out
 
 
-def bench_device(model_path: str | Path, dense_path: str | Path, out: str | Path, input_size: int,
-                 repeats: int = 7, gpu: bool = True) -> dict:
-    """Stage: CPU batch-1 latency (and GPU throughput where CUDA is available) of a cell's deployed network
-    (merged PlainNet) interleaved with the dense one (BN folded), ratios from the same run."""
-    nets = {"dense": as_plain(load_model(dense_path)[0]), "cell": as_plain(load_model(model_path)[0])}
-    row = cpu_latency(nets, input_size, "dense", repeats=repeats)["cell"]
-    row["gpu_throughput_img_s"] = None
+def bench_device(model_paths: list[str | Path], dense_path: str | Path, outs: list[str | Path], input_size: int,
+                 repeats: int = 7, gpu: bool = True) -> list[dict]:
+    """Stage: CPU batch-1 latency (and GPU throughput where CUDA is available) of cells' deployed networks
+    (merged PlainNets), all timed interleaved with the dense one (BN folded) in one run, each ratio from the
+    same repeats; writes one JSON per model to the matching ``outs`` entry."""
+    if len(model_paths) != len(outs):
+        raise ValueError(f"bench-device: {len(model_paths)} models but {len(outs)} outputs")
+    cells = [str(p) for p in model_paths]
+    nets = {"dense": as_plain(load_model(dense_path)[0]), **{c: as_plain(load_model(c)[0]) for c in cells}}
+    rows = cpu_latency(nets, input_size, "dense", repeats=repeats)
     if gpu and torch.cuda.is_available():
-        row |= gpu_throughput(nets, input_size, "dense")["cell"]
-        row["gpu"] = torch.cuda.get_device_name()
-    row |= {"cpu_threads": torch.get_num_threads(), "repeats": repeats}
-    write_json(out, row)
-    return row
+        for name, extra in gpu_throughput(nets, input_size, "dense").items():
+            rows[name] |= extra | {"gpu": torch.cuda.get_device_name()}
+    out = []
+    for cell, path in zip(cells, outs):
+        row = {"gpu_throughput_img_s": None, **rows[cell], "cpu_threads": torch.get_num_threads(),
+               "repeats": repeats, "timed_with": len(cells)}
+        write_json(path, row)
+        out.append(row)
+    return out

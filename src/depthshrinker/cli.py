@@ -92,8 +92,10 @@ def cmd_bench_device(args):
     from .bench import bench_device
 
     config = _config(args)
-    return bench_device(args.model, args.dense, args.out, config["data"]["image_size"],
+    _same_length(args)
+    rows = bench_device(args.model, args.dense, args.out, config["data"]["image_size"],
                         repeats=config["bench"]["repeats"], gpu=config["bench"]["gpu"])
+    return rows[0] if len(rows) == 1 else {"models": len(rows), "out": args.out}
 
 
 def cmd_bench_mpc(args):
@@ -101,8 +103,15 @@ def cmd_bench_mpc(args):
 
     config = _config(args)
     mpc = config["mpc"]
-    return bench_mpc(args.model, args.out, config["data"]["image_size"], runs=mpc["runs"], warmup=mpc["warmup"],
+    _same_length(args)
+    rows = bench_mpc(args.model, args.out, config["data"]["image_size"], runs=mpc["runs"], warmup=mpc["warmup"],
                      timeout=mpc["timeout"], tol=mpc["tolerance"], provider=mpc.get("provider", "ttp"))
+    return rows[0] if len(rows) == 1 else {"models": len(rows), "out": args.out}
+
+
+def _same_length(args) -> None:
+    if len(args.model) != len(args.out):
+        raise ConfigError(f"{args.command}: {len(args.model)} --model files but {len(args.out)} --out files")
 
 
 def cmd_cost_table(args):
@@ -159,9 +168,16 @@ def cmd_aggregate(args):
 
 
 def cmd_compare(args):
-    from .report import compare
+    from .report import PAIRED_MARKERS, compare, replace_block
 
-    return {"rows": len(compare(args.summary, args.a, args.b, args.out).splitlines()) - 2, "out": args.out}
+    pairs = [tuple(pair.split(":")) for pair in args.pairs]
+    bad = next((p for p, pair in zip(args.pairs, pairs) if len(pair) != 2), None)
+    if bad is not None:
+        raise ConfigError(f"compare: pair '{bad}' is not A:B (e.g. depthshrinker/block:snl/channel)")
+    text = compare(args.summary, pairs, args.out)
+    if args.readme:
+        replace_block(args.readme, PAIRED_MARKERS, text)
+    return {"rows": len(text.splitlines()) - 2, "out": args.out}
 
 
 def cmd_plots(args):
@@ -234,12 +250,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, help="JSON report to write")
     s.add_argument("--onnx", default=None, help="also export ONNX here and check it with onnxruntime")
     s = add("bench-device", cmd_bench_device, "CPU latency (and GPU throughput) against the dense network")
-    s.add_argument("--model", required=True, help="deployed (merged) checkpoint")
+    s.add_argument("--model", nargs="+", required=True, help="deployed (merged) checkpoints, timed interleaved")
     s.add_argument("--dense", required=True, help="dense deployed checkpoint, timed in the same run")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", nargs="+", required=True, help="one JSON per --model, in the same order")
     s = add("bench-mpc", cmd_bench_mpc, "two-party CrypTen inference: latency, bytes, rounds")
-    s.add_argument("--model", required=True, help="deployed (merged) checkpoint")
-    s.add_argument("--out", required=True)
+    s.add_argument("--model", nargs="+", required=True, help="deployed (merged) checkpoints, run in one set of "
+                   "party processes")
+    s.add_argument("--out", nargs="+", required=True, help="one JSON per --model, in the same order")
     s = add("cost-table", cmd_cost_table, "per-unit cost table (cpu, gpu measured; mpc cost model)")
     s.add_argument("--target", choices=["cpu", "gpu", "mpc"], required=True)
     s.add_argument("--granularity", choices=["block", "layer"], default="block")
@@ -282,11 +299,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="aggregate CSV to write (e.g. results/summary_by_cell.csv)")
     s.add_argument("--test-images", type=int, default=None,
                    help="held-out images behind top-1, where the rows lack a test_images column")
-    s = add("compare", cmd_compare, "paired per-seed differences of two methods' cells, with 95 %% t-intervals")
+    s = add("compare", cmd_compare, "paired per-seed differences of methods' cells, with 95 %% t-intervals")
     s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
-    s.add_argument("--a", required=True, help="method/granularity, e.g. depthdp/merge")
-    s.add_argument("--b", required=True, help="method/granularity, e.g. depthshrinker/block")
+    s.add_argument("--pairs", nargs="+", required=True,
+                   help="A:B pairs of method/granularity cells, e.g. depthshrinker/block:snl/channel (A − B)")
     s.add_argument("--out", required=True, help="Markdown table to write")
+    s.add_argument("--readme", default=None, help="also rewrite the block between the paired-table markers here")
     s = add("plots", cmd_plots, "accuracy vs cost figures (PNG and PDF) with intervals and the Pareto front")
     s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
     s.add_argument("--out", required=True, help="folder for the PNGs and PDFs")
@@ -298,13 +316,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json_output(args) -> Path | None:
-    """The JSON file a stage wrote (its metrics or report), which gets the provenance block; None if none."""
-    out = getattr(args, "report", None) or getattr(args, "out", None)
-    if out is None:
-        return None
-    out = Path(out).with_suffix(".json") if Path(out).suffix == ".pt" else Path(out)
-    return out if out.suffix == ".json" and out.is_file() else None
+def _json_outputs(args) -> list[Path]:
+    """The JSON files a stage wrote (its metrics or reports), which get the provenance block."""
+    outs = getattr(args, "report", None) or getattr(args, "out", None)
+    paths = []
+    for out in outs if isinstance(outs, list) else [outs] if outs else []:
+        out = Path(out).with_suffix(".json") if Path(out).suffix == ".pt" else Path(out)
+        if out.suffix == ".json" and out.is_file():
+            paths.append(out)
+    return paths
 
 
 def stamp(path: Path, config: dict, stage: str) -> None:
@@ -327,10 +347,10 @@ def main(argv: list[str] | None = None, config: dict | None = None, log_file: st
     try:
         with init_distributed():
             result = args.fn(args)
-            output = _json_output(args)
-            if output is not None and is_main():
+            if is_main():
                 stage = f"row:{args.method}" if args.command == "row" else args.command
-                stamp(output, _config(args), stage)
+                for output in _json_outputs(args):
+                    stamp(output, _config(args), stage)
     except ConfigError as err:
         line = f"depthshrinker {args.command}: error: {err}"
         print(line, file=sys.stderr)

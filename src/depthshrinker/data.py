@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -164,11 +165,19 @@ def eval_loader(dataset: Dataset, data: dict) -> DataLoader:
                       persistent_workers=data["workers"] > 0)
 
 
-def build_loaders(data: dict, seed: int = 0):
-    """(train_loader, test_loader, num_classes). The train loader shuffles with its own generator, reseeded each
-    epoch by the engine; under DDP (torch.distributed initialised) training shards with a DistributedSampler
-    (``data.batch_size`` per process). The engine's per-epoch evaluation (the reported top-1) is on the test
-    split; the selection split is ``build_datasets(...).select``."""
+class Loaders(NamedTuple):
+    """The loaders of one stage: ``train`` (shuffled), ``select`` (the selection split: early stopping, every
+    accuracy-based choice) and ``test`` (the reported figures), unshuffled; and the class count."""
+    train: DataLoader
+    select: DataLoader
+    test: DataLoader
+    num_classes: int
+
+
+def build_loaders(data: dict, seed: int = 0) -> Loaders:
+    """The train, selection and test loaders of ``data``. The train loader shuffles with its own generator,
+    reseeded each epoch by the engine; under DDP (torch.distributed initialised) training shards with a
+    DistributedSampler (``data.batch_size`` per process)."""
     splits = build_datasets(data, seed)
     common = dict(num_workers=data["workers"], pin_memory=torch.cuda.is_available(),
                   persistent_workers=data["workers"] > 0)
@@ -178,4 +187,4 @@ def build_loaders(data: dict, seed: int = 0):
     else:
         train = DataLoader(splits.train, batch_size=data["batch_size"], shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(seed), **common)
-    return train, eval_loader(splits.test, data), splits.num_classes
+    return Loaders(train, eval_loader(splits.select, data), eval_loader(splits.test, data), splits.num_classes)

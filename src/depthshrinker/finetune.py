@@ -82,5 +82,5 @@ def finetune(config: dict, dense_ckpt: str | Path, mask_path: str | Path, out: s
     row = {**mask.get("row", {}),  # extra summary columns: SNL element's budget, depthdp's
            **{k: mask[k] for k in ("budget", "budget_reached") if k in mask}}
     return train_stage(config, "finetune", student, spec, out, loaders, teacher=teacher if distill else None,
-                       distill=distill, desc=f"finetune {mask['method']} {mask['granularity']} {mask['keep_ratio']}",
+                       reference=teacher, distill=distill, desc=f"finetune {mask['method']} {mask['granularity']} {mask['keep_ratio']}",
                        extra_metrics=(lambda history: {"row": row}) if row else None)

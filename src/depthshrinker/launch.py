@@ -11,9 +11,18 @@ from pathlib import Path
 import yaml
 
 
-def launch(argv: list[str], config: dict, threads: int = 1, gpus: int = 0, log: str | None = None) -> None:
-    """``depthshrinker <argv>`` with ``config`` (an already validated dict); ``gpus > 1`` uses torchrun."""
-    argv = [str(a) for a in argv] + ["--threads", str(threads)]
+def launch(argv: list, config: dict, threads: int = 1, gpus: int = 0, log: str | None = None) -> None:
+    """``depthshrinker <argv>`` with ``config`` (an already validated dict); ``gpus > 1`` uses torchrun.
+    A list of argv lists runs those stages one after the other in this one job (one process start-up), their
+    output in one ``log``."""
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text("")
+    for stage in argv if argv and isinstance(argv[0], (list, tuple)) else [argv]:
+        _launch_one([str(a) for a in stage] + ["--threads", str(threads)], config, gpus, log)
+
+
+def _launch_one(argv: list[str], config: dict, gpus: int, log: str | None) -> None:
     if gpus <= 1:
         from .cli import main
 

@@ -35,6 +35,7 @@ READS: dict[str, tuple[str, ...]] = {
     "bench-mpc": ("data.image_size", "mpc"),
     "summarize": (),
     "aggregate": (),
+    "compare": ("grid",),  # the workflow's pairs come from the grid
     "plots": ("data", "model.arch", "stages", "grid.seeds"),
 }
 

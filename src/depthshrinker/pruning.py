@@ -350,7 +350,7 @@ def metaprune(config: dict, dense_ckpt: str | Path, out: str | Path, budget: flo
     distill = config["stages"]["distill"]["enabled"]
     metrics = train_stage(config, "pruned", student, pruned_spec(spec, student), out,
                           build_loaders(config["data"], config["seed"]), teacher=teacher if distill else None,
-                          distill=distill, desc=f"metapruning {budget}")
+                          reference=teacher, distill=distill, desc=f"metapruning {budget}")
     flags = {"budget_raised": raised, "budget_requested": budget,
              "budget_used": budget_cost / dense_cost}  # a raised budget reaches summary.csv through "row"
     metrics |= {**flags, "row": flags}

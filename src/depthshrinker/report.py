@@ -20,6 +20,8 @@ from .provenance import software
 from .stats import t_interval, wilson
 
 CELL = ["method", "granularity", "keep_ratio"]
+QUALITY = ("nll", "teacher_agreement", "teacher_kl")  # test-split figures beyond top-1 (train.train_stage)
+PERCENTS = ("top1", "teacher_agreement")  # % of the held-out images: one seed gets a Wilson interval
 COLUMNS = [*CELL, "seed", "top1", "params", "macs", "nonlinear_units", "nonlinear_layers", "relu_elements",
            "relu6_elements", "merge_max_abs_err", "cpu_latency_ms", "gpu_throughput_img_s", "mpc_latency_s",
            "mpc_comm_mb", "mpc_rounds", "checkpoint"]
@@ -85,6 +87,7 @@ def cell_row(method: str, granularity: str, keep_ratio: float, model: str | Path
         raise ConfigError(f"{metrics_path}: no 'top1' (not the metrics of a trained model)")
     row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio), "seed": seed,
            "config_hash": config_hash, "top1": metrics["top1"],
+           **{k: metrics[k] for k in QUALITY if k in metrics},
            **({"test_images": metrics["test_images"]} if "test_images" in metrics else {}), "checkpoint": str(model),
            **metrics.get("row", {})}  # what a training stage flags for the summary (a raised budget, a missed one)
     loaded = []
@@ -137,7 +140,8 @@ def summarize(row_files: list[str | Path], out: str | Path) -> pd.DataFrame:
 
 
 # Aggregated columns: top-1, the counts and every timing/cost (not their IQR/min/max/per-run companions).
-METRIC = re.compile(r"top1|params|macs|nonlinear_units|nonlinear_layers|relu6?_elements|layers_after|merge_max_abs_err"
+METRIC = re.compile(r"top1|nll|teacher_agreement|teacher_kl|params|macs|nonlinear_units|nonlinear_layers"
+                    r"|relu6?_elements|layers_after|merge_max_abs_err"
                     r"|cpu_latency_ms|cpu_speedup|gpu_throughput_img_s\w*|gpu_speedup\w*|mpc_latency_s|mpc_comm_mb"
                     r"|mpc_bytes|mpc_rounds|mpc_e2e_s|mpc_est_\w+_s|mpc_preproc_\w+")
 COMPANION = re.compile(r"_iqr|_(min|max|runs)_s$")
@@ -155,13 +159,16 @@ def _interval(column: str, rows: pd.DataFrame, test_images: int | None) -> tuple
     values = rows[column].dropna().astype(float).tolist()
     if len(values) >= 2:
         lo, hi = t_interval(values)
-    elif column == "top1":
+    elif column in PERCENTS:
         if not test_images:
             return float("nan"), float("nan")
         correct = round(values[0] * test_images / 100)
         if abs(values[0] * test_images / 100 - correct) > 1e-3:
-            raise ConfigError(f"aggregate: top1 {values[0]} is not a whole number of {test_images} held-out images")
+            raise ConfigError(f"aggregate: {column} {values[0]} is not a whole number of {test_images} held-out "
+                              "images")
         lo, hi = (100 * v for v in wilson(correct, test_images))
+    elif column in QUALITY:
+        return float("nan"), float("nan")  # one seed: a mean over images, no interval over training runs
     elif iqr_column(column) in rows and rows[iqr_column(column)].notna().any():
         spread = float(rows[iqr_column(column)].dropna().iloc[0])
         lo, hi = values[0] - spread / 2, values[0] + spread / 2
@@ -169,7 +176,7 @@ def _interval(column: str, rows: pd.DataFrame, test_images: int | None) -> tuple
         return float("nan"), float("nan")  # a timing without its spread
     else:
         lo = hi = values[0]  # counts and the cost model's estimates are exact
-    return max(lo, 0.0), (min(hi, 100.0) if column == "top1" else hi)
+    return max(lo, 0.0), (min(hi, 100.0) if column in PERCENTS else hi)
 
 
 def _joined(values: pd.Series):
@@ -234,7 +241,7 @@ def _value(row: pd.Series, column: str, digits: int, scale: float = 1.0) -> str:
     if pd.isna(lo) or hi - lo <= abs(mean) * 1e-9:
         return f"{mean:,.{0 if float(mean).is_integer() else digits}f}"
     text = f"{mean:,.{digits}f}"
-    if row["n"] < 2 and column == "top1":
+    if row["n"] < 2 and column in PERCENTS:
         return f"{text} ({lo:.{digits}f}–{hi:.{digits}f})"
     if row["n"] < 2:
         return f"{text} ({hi - lo:.{digits}f})"
@@ -242,13 +249,15 @@ def _value(row: pd.Series, column: str, digits: int, scale: float = 1.0) -> str:
 
 
 TABLE = [  # (header, column, digits, scale)
-    ("top-1 %", "top1", 2, 1), ("MMACs", "macs", 1, 1e-6), ("ReLU6 elements", "relu6_elements", 0, 1),
+    ("top-1 %", "top1", 2, 1), ("NLL", "nll", 3, 1), ("agrees with dense %", "teacher_agreement", 1, 1),
+    ("MMACs", "macs", 1, 1e-6), ("ReLU6 elements", "relu6_elements", 0, 1),
     ("nonlinear layers", "nonlinear_layers", 1, 1), ("convs", "layers_after", 1, 1),
     ("CrypTen s", "mpc_latency_s", 2, 1), ("MB", "mpc_comm_mb", 0, 1), ("preproc. MB", "mpc_preproc_mb", 0, 1),
     ("rounds", "mpc_rounds", 0, 1), ("est. WAN s", "mpc_est_wan_s", 1, 1),
     ("CPU × dense", "cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
 ]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+PAIRED_MARKERS = ("<!-- paired-table:start -->", "<!-- paired-table:end -->")
 
 
 def _machine(cells: pd.DataFrame) -> str:
@@ -296,40 +305,74 @@ def table(by_cell_csv: str | Path, readme: str | Path | None = None, out: str | 
     if out is not None:
         Path(out).write_text(text)
     if readme is not None:
-        readme = Path(readme)
-        old = readme.read_text()
-        if old.count(START) != 1 or old.count(END) != 1 or old.index(START) > old.index(END):
-            raise ConfigError(f"table: {readme} needs one '{START}' line followed by one '{END}' line")
-        head, rest = old.split(START)
-        readme.write_text(f"{head}{START}\n{text}{END}{rest.split(END, 1)[1]}")
+        replace_block(readme, (START, END), text)
     return text
 
 
-PAIRED = ("top1", "mpc_latency_s", "mpc_comm_mb", "mpc_rounds", "mpc_preproc_mb", "mpc_est_lan_s", "cpu_speedup")
+def replace_block(path: str | Path, markers: tuple[str, str], text: str) -> None:
+    """Rewrite the lines between the two ``markers`` lines of ``path`` with ``text``."""
+    path, (start, end) = Path(path), markers
+    old = path.read_text()
+    if old.count(start) != 1 or old.count(end) != 1 or old.index(start) > old.index(end):
+        raise ConfigError(f"{path} needs one '{start}' line followed by one '{end}' line")
+    head, rest = old.split(start)
+    path.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
-def compare(summary: str | Path, a: str, b: str, out: str | Path | None = None,
-            columns: tuple[str, ...] = PAIRED) -> str:
-    """Markdown: cell ``a`` minus cell ``b`` (``method/granularity``) per keep ratio and column, seed by seed,
-    with the mean and its 95 % t-interval over seeds. Paired: the same seed shares the dense teacher, the split
-    and the held-out images, so the seed-to-seed spread of both cells cancels. ``out``: also write it there."""
-    rows = pd.read_csv(summary)
-    cells = {}
-    for name in (a, b):
-        method, _, granularity = name.partition("/")
-        cells[name] = rows[(rows["method"] == method) & (rows["granularity"] == granularity)]
-        if cells[name].empty:
-            raise ConfigError(f"compare: no rows of '{name}' in {summary}")
-    lines = [f"| keep | {a} − {b} | per seed | mean | 95 % interval |", "|---|---|---|---|---|"]
-    for keep in sorted(set(cells[a]["keep_ratio"]) & set(cells[b]["keep_ratio"])):
-        left, right = (cells[n][cells[n]["keep_ratio"] == keep].set_index("seed") for n in (a, b))
+PAIRED = ("top1", "nll", "teacher_agreement", "mpc_latency_s", "mpc_comm_mb", "mpc_rounds", "mpc_est_wan_s",
+          "cpu_speedup")
+LOWER_IS_BETTER = re.compile(r"nll|teacher_kl|mpc_\w+")
+
+
+def _cell_rows(rows: pd.DataFrame, name: str, summary) -> pd.DataFrame:
+    method, _, granularity = name.partition("/")
+    cell = rows[(rows["method"] == method) & (rows["granularity"] == granularity)]
+    if cell.empty:
+        raise ConfigError(f"compare: no rows of '{name}' in {summary}")
+    return cell
+
+
+def verdict(column: str, lo: float, hi: float, a: str, b: str) -> str:
+    """The cell that the 95 % interval ``[lo, hi]`` of ``a − b`` favours in ``column`` (lower is better for
+    NLL, KL and MPC costs), or "no detectable difference" when the interval holds 0."""
+    if pd.isna(lo) or lo <= 0 <= hi:
+        return "no detectable difference"
+    a_better = (lo > 0) != bool(LOWER_IS_BETTER.fullmatch(column))
+    return f"{a if a_better else b} better"
+
+
+def paired(rows: pd.DataFrame, a: str, b: str, columns: tuple[str, ...] = PAIRED, summary="summary") -> list[dict]:
+    """Cell ``a`` minus cell ``b`` (``method/granularity``) per keep ratio and column, seed by seed: the
+    differences, their mean, 95 % t-interval and verdict. Paired: the same seed shares the dense teacher, the
+    split and the held-out images, so the seed-to-seed spread common to both cells cancels. Only seeds that
+    both cells ran are paired."""
+    left_cells, right_cells = _cell_rows(rows, a, summary), _cell_rows(rows, b, summary)
+    out = []
+    for keep in sorted(set(left_cells["keep_ratio"]) & set(right_cells["keep_ratio"])):
+        left, right = (c[c["keep_ratio"] == keep].set_index("seed") for c in (left_cells, right_cells))
         for column in (c for c in columns if c in rows):
             diff = (left[column] - right[column]).dropna().sort_index()
             if diff.empty:
                 continue
             lo, hi = t_interval(diff.tolist()) if len(diff) >= 2 else (float("nan"), float("nan"))
-            seeds = ", ".join(f"{v:+.3g}" for v in diff)
-            lines.append(f"| {keep:g} | {column} | {seeds} | {diff.mean():+.3g} | [{lo:+.3g}, {hi:+.3g}] |")
+            out.append({"a": a, "b": b, "keep": keep, "column": column, "seeds": diff.index.tolist(),
+                        "diffs": diff.tolist(), "mean": diff.mean(), "lo": lo, "hi": hi,
+                        "verdict": verdict(column, lo, hi, a, b)})
+    return out
+
+
+def compare(summary: str | Path, pairs: list[tuple[str, str]], out: str | Path | None = None,
+            columns: tuple[str, ...] = PAIRED) -> str:
+    """Markdown: for each pair ``(a, b)`` of ``method/granularity`` cells, ``a − b`` per keep ratio and
+    column (``paired``), with the per-seed differences, the mean, its 95 % t-interval and the verdict
+    ("no detectable difference" when the interval holds 0). ``out``: also write it there."""
+    rows = pd.read_csv(summary)
+    lines = ["| keep | a − b | column | per seed | mean | 95 % interval | verdict |", "|---" * 7 + "|"]
+    for a, b in pairs:
+        for d in paired(rows, a, b, columns, summary):
+            per_seed = ", ".join(f"{v:+.3g}" for v in d["diffs"])
+            lines.append(f"| {d['keep']:g} | {a} − {b} | {d['column']} | {per_seed} | {d['mean']:+.3g} | "
+                         f"[{d['lo']:+.3g}, {d['hi']:+.3g}] | {d['verdict']} |")
     text = "\n".join(lines) + "\n"
     if out is not None:
         Path(out).write_text(text)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .config import ConfigError
 from .counting import nonlinear
 from .data import build_loaders
 from .bits import encode_bits
-from .gates import SNLBudget, SoftMaskAct, install_search_gates, keep_from_scores, num_kept
+from .gates import LayerTopKGate, SNLBudget, SoftMaskAct, install_search_gates, keep_from_scores, num_kept
 from .models import activation_units
 from .train import train_stage
 
@@ -79,7 +80,46 @@ def search(config: dict, dense_ckpt: str | Path, out: str | Path, method: str, g
     if method == "depthshrinker" and cost_table is not None and st["latency_weight"] > 0:
         regularizer = latency_regularizer(read_cost_table(cost_table, model.ds_gates.scores.numel()),
                                           st["latency_weight"])
-    return train_stage(config, "search", model, spec, out, loaders, regularizer=regularizer, desc=desc)
+    settling = Settling(model, stop=st["settle"])
+    return train_stage(config, "search", model, spec, out, loaders, regularizer=regularizer, desc=desc,
+                       stop_step=settling.step, on_epoch_end=settling.epoch_end, extra_metrics=settling.summary)
+
+
+def hard_decisions(model) -> torch.Tensor:
+    """Every keep (True) / remove decision of a top-k search, flattened: the DepthShrinker units, or the
+    channels/pixels of every SNL layer."""
+    parts = [model.ds_gates.keep()] if hasattr(model, "ds_gates") else []
+    parts += [keep_from_scores(m.scores.flatten(), m.keep_ratio) for m in model.modules()
+              if isinstance(m, LayerTopKGate)]
+    return torch.cat(parts)
+
+
+class Settling:
+    """Has the searched mask settled? Counts, per epoch, the decisions (units; SNL: channels or pixels) that
+    differed at any step of the epoch from where the epoch started (``mask_changes``). With ``stop``, the search
+    ends after the first epoch without a change: only the mask of a search is used (finetuning starts from the
+    dense weights), so further epochs could not change the result."""
+
+    def __init__(self, model, stop: bool):
+        self.stop, self.start, self.changed = stop, hard_decisions(model), None
+
+    def step(self, model) -> bool:
+        now = hard_decisions(model)
+        if self.start.device != now.device:
+            self.start = self.start.to(now.device)
+        flipped = now != self.start
+        self.changed = flipped if self.changed is None else self.changed | flipped
+        return False  # never ends the epoch
+
+    def epoch_end(self, epoch, model, record) -> bool:
+        record["mask_changes"] = int(self.changed.sum()) if self.changed is not None else 0
+        self.start, self.changed = hard_decisions(model), None
+        return self.stop and record["mask_changes"] == 0
+
+    @staticmethod
+    def summary(history: list[dict]) -> dict:
+        changes = history[-1]["mask_changes"]
+        return {"mask_changes_last_epoch": changes, "mask_settled": changes == 0}
 
 
 def snl_gates(st: dict, model, keep_ratio: float, size: int) -> dict:
@@ -171,7 +211,8 @@ def extract(search_ckpt: str | Path, out: str | Path) -> dict:
     index; the JSON lists the units with names and scores. SNL: a per-layer binary mask (packed bits, base64),
     from the per-layer top-k (channel/pixel) or SNL's binarization α > 0.01 (element; the JSON also gives the
     budget, whether the kept count meets it, and ``init``: the search checkpoint, relative to the JSON's
-    folder, whose weights the finetuning starts from)."""
+    folder, whose weights the finetuning starts from). ``row``: how the search ended (epochs, mask changes in
+    its last epoch), carried by the finetune into the summary row."""
     ckpt = load(search_ckpt)
     gates, state = ckpt["spec"]["gates"], ckpt["state_dict"]
     if gates["method"] == "depthshrinker":
@@ -190,6 +231,8 @@ def extract(search_ckpt: str | Path, out: str | Path) -> dict:
             mask |= {"budget": gates["budget"], "budget_reached": mask["nonlinear_units"] <= gates["budget"],
                      "kept_over_budget": round(mask["nonlinear_units"] / gates["budget"], 6),
                      "init": os.path.relpath(Path(search_ckpt).resolve(), Path(out).resolve().parent)}
+    searched = json.loads(ckpt.get("metrics") or "{}")  # how the search ended, for the summary row
+    mask["row"] = {f"search_{k}": searched[k] for k in ("epochs", "mask_changes_last_epoch") if k in searched}
     write_json(out, mask)
     return mask
 

@@ -6,6 +6,11 @@ per-step cosine schedule, label smoothing, global gradient-norm clipping, option
 channels_last, DistributedDataParallel when torch.distributed is initialised (torchrun). Seeded per epoch,
 so a run resumed from its last checkpoint (written atomically after every epoch) follows the same trajectory.
 
+Each epoch ends with an evaluation on the selection split (never on the test split); with ``patience`` the
+run stops once the selection loss has not improved for that many epochs, and the weights of its best epoch
+are the result (early stopping, Prechelt 1998). The test split is evaluated once, on the final weights,
+together with the agreement with the dense teacher (top-1 agreement and KL).
+
 SNL's soft masks (parameters named ``alpha``) train in their own Adam optimiser at a constant ``mask_lr``
 (Cho et al. 2022, Algorithm 1), outside the weights' gradient clip and schedule, when the recipe sets one.
 """
@@ -50,6 +55,7 @@ class Recipe:
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
     mask_lr: float | None = None  # SNL masks (``alpha``) in their own Adam at this lr; None: with the weights
+    patience: int | None = None  # stop after this many epochs without a lower selection loss; None: never
 
     @classmethod
     def from_config(cls, config: dict, stage: str, distill: bool = False) -> "Recipe":
@@ -63,7 +69,7 @@ class Recipe:
                    label_smoothing=train["label_smoothing"], grad_clip=train["grad_clip"],
                    warmup_epochs=train["warmup_epochs"], amp=train["amp"], channels_last=train["channels_last"],
                    distill_alpha=kd["alpha"] if distill and kd["enabled"] else 0.0,
-                   distill_temperature=kd["temperature"])
+                   distill_temperature=kd["temperature"], patience=st.get("patience"))
 
 
 def device() -> torch.device:
@@ -159,24 +165,34 @@ def _sum_across_ranks(*values: float) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, recipe: Recipe | None = None) -> dict:
-    """Top-1 accuracy (%) and mean cross-entropy over ``loader`` (summed across ranks under DDP)."""
+def evaluate(model: nn.Module, loader, recipe: Recipe | None = None, reference: nn.Module | None = None) -> dict:
+    """Top-1 accuracy (%) and mean cross-entropy (``loss``, the NLL) over ``loader``; with a ``reference``
+    network (the dense teacher) also ``agreement``, the % of images where both predict the same class, and
+    ``kl``, the mean KL(reference ‖ model) of their softmax outputs in nats (sums across ranks under DDP)."""
     dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = loss = count = 0.0
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    correct = loss = count = agree = kl = 0.0
     for images, targets in loader:
         images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
         if recipe is not None and recipe.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(recipe or Recipe(1, 1.0), dev):
-            logits = model(images)
-        loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            logits = model(images).float()
+            ref = reference(images).float() if reference is not None else None
+        loss += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(1) == targets).sum().item()
         count += targets.numel()
-    model.train(was_training)
-    correct, loss, count = _sum_across_ranks(correct, loss, count)
-    return {"top1": 100.0 * correct / max(count, 1), "loss": loss / max(count, 1)}
+        if ref is not None:
+            agree += (logits.argmax(1) == ref.argmax(1)).sum().item()
+            kl += F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref, 1), reduction="sum", log_target=True).item()
+    for m, training in modes:
+        m.train(training)
+    correct, loss, count, agree, kl = _sum_across_ranks(correct, loss, count, agree, kl)
+    n = max(count, 1)
+    out = {"top1": 100.0 * correct / n, "loss": loss / n}
+    return out | ({"agreement": 100.0 * agree / n, "kl": kl / n} if reference is not None else {})
 
 
 def fingerprint(recipe: Recipe, identity: dict) -> str:
@@ -184,12 +200,13 @@ def fingerprint(recipe: Recipe, identity: dict) -> str:
     return hashlib.sha256(json.dumps([asdict(recipe), identity], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path: str | Path, *,
+def fit(model: nn.Module, train_loader, select_loader, recipe: Recipe, resume_path: str | Path, *,
         teacher: nn.Module | None = None, regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
         on_epoch_end: Callable[[int, nn.Module, dict], bool] | None = None,
         stop_step: Callable[[nn.Module], bool] | None = None, identity: dict | None = None,
         seed: int = 0, desc: str = "train") -> list[dict]:
-    """Train ``model`` in place for ``recipe.epochs`` and return the per-epoch history.
+    """Train ``model`` in place for ``recipe.epochs`` (fewer with ``recipe.patience``: see the module docstring)
+    and return the per-epoch history, each epoch scored on ``select_loader`` (``select_top1``, ``select_loss``).
 
     ``resume_path`` holds the last finished epoch (written atomically each epoch, removed by the caller when
     the stage's output is written); a run with the same recipe and ``identity`` resumes from it.
@@ -214,6 +231,7 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
     scaler = torch.amp.GradScaler(dev.type, enabled=recipe.amp == "fp16")
     key = fingerprint(recipe, identity or {})
     history: list[dict] = []
+    best = {"loss": math.inf, "epoch": 0, "state": None}  # the best selection loss so far (early stopping)
     start = 0
     resume_path = Path(resume_path)
     if resume_path.is_file():
@@ -225,7 +243,7 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
                 mask_optimizer.load_state_dict(state["mask_optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            start, history = state["epoch"], state["history"]
+            start, history, best = state["epoch"], state["history"], state.get("best", best)
             if state.get("stopped"):
                 start = recipe.epochs
             log.info("%s: resumed from %s after epoch %d", desc, resume_path, start)
@@ -278,47 +296,69 @@ def fit(model: nn.Module, train_loader, val_loader, recipe: Recipe, resume_path:
         train_loss, batches, seen_all = _sum_across_ranks(loss_sum, batches_run, seen)
         record = {"epoch": epoch + 1, "train_loss": train_loss / batches,
                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen_all / elapsed,
-                  **{f"val_{k}": v for k, v in evaluate(model, val_loader, recipe).items()}}
+                  **{f"select_{k}": v for k, v in evaluate(model, select_loader, recipe).items()}}
         if step_stop is not None:
             record["stopped_at_step"] = step_stop
         stop = bool(on_epoch_end(epoch, model, record)) if on_epoch_end else False
+        if recipe.patience is not None:
+            if record["select_loss"] < best["loss"]:
+                best = {"loss": record["select_loss"], "epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            stop = stop or epoch + 1 - best["epoch"] >= recipe.patience
         history.append(record)
-        log.info("%s epoch %d/%d: loss %.4f, val top-1 %.2f %%, %.0f img/s", desc, epoch + 1, recipe.epochs,
-                 record["train_loss"], record["val_top1"], record["images_per_s"])
+        log.info("%s epoch %d/%d: loss %.4f, selection top-1 %.2f %% (loss %.4f), %.0f img/s", desc, epoch + 1,
+                 recipe.epochs, record["train_loss"], record["select_top1"], record["select_loss"],
+                 record["images_per_s"])
         if is_main():
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          **({"mask_optimizer": mask_optimizer.state_dict()} if mask_optimizer else {}),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "history": history, "fingerprint": key, "stopped": stop},
+                         "epoch": epoch + 1, "history": history, "fingerprint": key, "stopped": stop,
+                         "best": best},
                         resume_path)
         if dist.is_initialized():
             dist.barrier()
         if stop:
             break
+    if best["state"] is not None:  # early stopping: the weights of the best selection loss
+        model.load_state_dict(best["state"])
+        for record in history:
+            record["best"] = record["epoch"] == best["epoch"]
     if recipe.channels_last:
         model.to(memory_format=torch.contiguous_format)
     return history
 
 
 def train_stage(config: dict, stage: str, model: nn.Module, spec: dict, out: str | Path, loaders, *,
-                teacher: nn.Module | None = None, regularizer=None, on_epoch_end=None, stop_step=None,
-                distill: bool = False, desc: str | None = None, recipe_overrides: dict | None = None,
-                extra_metrics: Callable[[list[dict]], dict] | None = None) -> dict:
-    """Train one stage (``stages.<stage>`` recipe, with ``recipe_overrides``), then write ``out`` (state_dict +
-    spec + history) and ``out`` with suffix ``.json`` (the metrics: top-1 on the ``test_images`` held-out
-    images, plus ``extra_metrics(history)``), and drop the resume file ``<out>.last``."""
+                teacher: nn.Module | None = None, reference: nn.Module | None = None, regularizer=None,
+                on_epoch_end=None, stop_step=None, distill: bool = False, desc: str | None = None,
+                recipe_overrides: dict | None = None, extra_metrics: Callable[[list[dict]], dict] | None = None
+                ) -> dict:
+    """Train one stage (``stages.<stage>`` recipe, with ``recipe_overrides``) on ``loaders`` (``data.Loaders``),
+    then write ``out`` (state_dict + spec + history) and ``out`` with suffix ``.json`` (the metrics, below), and
+    drop the resume file ``<out>.last``.
+
+    Metrics on the test split, of the final weights: ``top1``, ``nll`` (mean cross-entropy) and, against
+    ``reference`` (the dense teacher; ``teacher`` when not given), ``teacher_agreement`` (% same top-1 class)
+    and ``teacher_kl`` (mean KL(teacher ‖ model), nats); ``test_images``, ``epochs`` run, ``best_epoch`` (early stopping), the recipe,
+    ``extra_metrics(history)`` and the history."""
     from .checkpoint import save, write_json
 
     out = Path(out)
-    train_loader, val_loader, _ = loaders
     recipe = replace(Recipe.from_config(config, stage, distill=distill), **(recipe_overrides or {}))
     resume = out.with_name(out.name + ".last")
     identity = {"stage": stage, "spec": spec, "data": config["data"], "seed": config["seed"]}
-    history = fit(model, train_loader, val_loader, recipe, resume, teacher=teacher, regularizer=regularizer,
+    history = fit(model, loaders.train, loaders.select, recipe, resume, teacher=teacher, regularizer=regularizer,
                   on_epoch_end=on_epoch_end, stop_step=stop_step, identity=identity, seed=config["seed"],
                   desc=desc or stage)
-    metrics = {"stage": stage, "top1": history[-1]["val_top1"], "test_images": len(val_loader.dataset),
-               "epochs": len(history),
+    reference = reference if reference is not None else teacher
+    if reference is not None:
+        reference.to(next(model.parameters()).device)
+    test = evaluate(model, loaders.test, recipe, reference)
+    best = next((r["epoch"] for r in history if r.get("best")), history[-1]["epoch"])
+    metrics = {"stage": stage, "top1": test["top1"], "nll": test["loss"],
+               **({"teacher_agreement": test["agreement"], "teacher_kl": test["kl"]} if "kl" in test else {}),
+               "test_images": len(loaders.test.dataset), "epochs": len(history), "best_epoch": best,
                "recipe": asdict(recipe), **(extra_metrics(history) if extra_metrics else {}), "history": history}
     if is_main():
         save(out, model.cpu(), spec, metrics=json.dumps(metrics))
@@ -334,6 +374,6 @@ def configure(threads: int | None = None, log_file: str | Path | None = None) ->
     handlers = [logging.StreamHandler()]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        handlers.append(logging.FileHandler(log_file, mode="a"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)

@@ -50,6 +50,17 @@ def cells():
     return out
 
 
+def pairs():
+    """The paired comparisons of the README (A:B, A − B per seed): DepthShrinker against each SNL granularity at
+    the same keep ratio, and against MetaPruning at the cost of the DepthShrinker block cell it matches."""
+    ds = [f"depthshrinker/{g}" for g in GRID["depthshrinker"]["granularity"] if GRID["depthshrinker"]["keep"]]
+    out = [f"{a}:snl/{g}" for a in ds for g in GRID["snl"]["granularity"] if GRID["snl"]["keep"]]
+    mp = GRID["metapruning"]
+    if "depthshrinker/block" in ds and mp["match"]:
+        out += [f"depthshrinker/block:metapruning/{c}" for c in mp["cost"]]
+    return out
+
+
 def cell_files(name):
     """The file ``name`` of every cell and seed."""
     return [f"{RESULTS}/{m}/{g}/{k}/seed{s}/{name}" for m, g, k in cells() for s in SEEDS]
@@ -84,11 +95,43 @@ def resources(kind):
             "runtime": lambda wildcards, attempt: base["runtime"] * attempt}
 
 
-def mpc_part(wildcards):
-    """The MPC benchmark a row reads: dense and uniform architectures do not depend on the seed, so every seed
-    reads the first seed's (bytes and rounds are exact; one latency measurement per architecture)."""
-    seed = SEEDS[0] if wildcards.method in ("dense", "uniform") else wildcards.seed
-    return f"{RESULTS}/{wildcards.method}/{wildcards.granularity}/{wildcards.keep}/seed{seed}/mpc.json"
+SEED_FREE = {"dense", "uniform", "snl/channel", "snl/pixel"}
+
+
+def is_seed_free(method, granularity):
+    """Does the deployed architecture (so its timings, MACs and MPC costs) not depend on the seed? Dense and
+    uniform widths; SNL channel/pixel keep the same count in every layer (only which ones differs)."""
+    return bool({method, f"{method}/{granularity}"} & SEED_FREE)
+
+
+def measured(name):
+    """Input function of a row: the cell's benchmark file ``name`` (bench.json, mpc.json); a seed-free
+    architecture is measured once, for the first seed, and every seed reads that (bytes, rounds and MACs are
+    exact; one timing per architecture is not repeated)."""
+
+    def part(wildcards):
+        seed = SEEDS[0] if is_seed_free(wildcards.method, wildcards.granularity) else wildcards.seed
+        return f"{RESULTS}/{wildcards.method}/{wildcards.granularity}/{wildcards.keep}/seed{seed}/{name}"
+
+    return part
+
+
+def bench_job(seed_free):
+    """The inputs and outputs of a timing job: the deployed networks of the cells it measures (``measured``)."""
+    seed = SEEDS[0] if seed_free else "{seed}"
+    where = [f"{RESULTS}/{m}/{g}/{k}/seed{seed}" for m, g, k in cells() if is_seed_free(m, g) == seed_free]
+    return ([f"{w}/merged.pt" for w in where], f"{RESULTS}/dense/full/1.0/seed{seed}/merged.pt",
+            [f"{w}/bench.json" for w in where], [f"{w}/mpc.json" for w in where])
+
+
+def bench_argv(w, input, output):
+    """Both benchmarks in one process: device latency vs dense, then CrypTen (every network in one set of parties)."""
+    return [["bench-device", "--model", *input.models, "--dense", input.dense, "--out", *output.device],
+            ["bench-mpc", "--model", *input.models, "--out", *output.mpc]]
+
+
+def bench_reads(wildcards):
+    return {**reads("bench-device")(wildcards), **reads("bench-mpc")(wildcards)}
 
 
 def searched(wildcards):

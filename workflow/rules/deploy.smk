@@ -1,6 +1,9 @@
 # Deployment and measurement of every cell: merge (BN folded, linear convs merged), device and MPC benchmarks;
 # and the per-unit cost tables of the platform-aware search. Timing jobs take every core the run has, so no
-# other job shares the machine while they time.
+# other job shares the machine while they time. One timing job per seed measures every cell whose architecture
+# depends on the seed, and one more the seed-free architectures (common.smk SEED_FREE) once: each in one process
+# and one set of CrypTen parties, so the start-up is paid once per job, not per cell (every cell still gets its
+# own bench.json and mpc.json).
 
 
 rule merge:
@@ -25,49 +28,36 @@ rule merge:
         "../scripts/stage.py"
 
 
-rule bench_device:
-    input:
-        model=f"{CELL}/merged.pt",
-        dense=f"{RESULTS}/dense/full/1.0/seed{{seed}}/merged.pt",
-    output:
-        f"{CELL}/bench.json",
-    log:
-        f"{CELL}/logs/bench_device.log",
-    benchmark:
-        f"{CELL}/benchmarks/bench_device.tsv"
-    params:
-        config=reads("bench-device"),
-        argv=lambda w, input, output: ["bench-device", "--model", input.model, "--dense", input.dense, "--out",
-                                       output[0]],
-    threads: all_cores
-    resources:
-        gpu=1,
-        **resources("bench"),
-    conda:
-        ENV
-    script:
-        "../scripts/stage.py"
+for seed_free, name in ((True, "bench_seed_free"), (False, "bench")):
+    models, dense, device, mpc = bench_job(seed_free)
+    if not models:
+        continue
+    tag = f"seed{SEEDS[0]}-seed-free" if seed_free else "seed{seed}"
 
-
-rule bench_mpc:
-    input:
-        model=f"{CELL}/merged.pt",
-    output:
-        f"{CELL}/mpc.json",
-    log:
-        f"{CELL}/logs/bench_mpc.log",
-    benchmark:
-        f"{CELL}/benchmarks/bench_mpc.tsv"
-    params:
-        config=reads("bench-mpc"),
-        argv=lambda w, input, output: ["bench-mpc", "--model", input.model, "--out", output[0]],
-    threads: all_cores
-    resources:
-        **resources("bench"),
-    conda:
-        ENV
-    script:
-        "../scripts/stage.py"
+    rule:
+        name:
+            name
+        input:
+            models=models,
+            dense=dense,
+        output:
+            device=device,
+            mpc=mpc,
+        log:
+            f"{RESULTS}/logs/bench/{tag}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/bench/{tag}.tsv"
+        params:
+            config=bench_reads,
+            argv=bench_argv,
+        threads: all_cores
+        resources:
+            gpu=1,
+            **resources("bench"),
+        conda:
+            ENV
+        script:
+            "../scripts/stage.py"
 
 
 rule cost_table:

@@ -2,11 +2,11 @@
 
 
 localrules:
-    extract,
     depthdp,
     row,
     summarize,
     aggregate,
+    paired,
     plots,
 
 
@@ -14,8 +14,8 @@ rule row:
     input:
         model=f"{CELL}/model.pt",
         merge=f"{CELL}/merge.json",
-        bench=f"{CELL}/bench.json",
-        mpc=mpc_part,
+        bench=measured("bench.json"),
+        mpc=measured("mpc.json"),
     output:
         f"{CELL}/row.json",
     log:
@@ -61,6 +61,24 @@ rule aggregate:
     params:
         config=reads("aggregate"),
         argv=lambda w, input, output: ["aggregate", "--summary", input[0], "--out", output[0]],
+    resources:
+        **resources("light"),
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule paired:
+    input:
+        f"{RESULTS}/summary.csv",
+    output:
+        report(f"{RESULTS}/paired.md", caption="../report/paired.rst", category="Summary"),
+    log:
+        f"{RESULTS}/logs/paired.log",
+    params:
+        config=reads("compare"),
+        argv=lambda w, input, output: ["compare", "--summary", input[0], "--pairs", *pairs(), "--out", output[0]],
     resources:
         **resources("light"),
     conda:

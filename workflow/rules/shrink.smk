@@ -1,4 +1,4 @@
-# DepthShrinker and SNL cells: search -> extract -> finetune (depthdp cells: depthdp.smk -> finetune).
+# DepthShrinker and SNL cells: search (with its mask extraction) -> finetune (depthdp cells: depthdp.smk -> finetune).
 
 
 rule search:
@@ -8,6 +8,7 @@ rule search:
     output:
         model=f"{CELL}/search.pt",
         metrics=f"{CELL}/search.json",
+        mask=f"{CELL}/mask.json",
     log:
         f"{CELL}/logs/search.log",
     wildcard_constraints:
@@ -16,35 +17,16 @@ rule search:
         f"{CELL}/benchmarks/search.tsv"
     params:
         config=reads("search"),
-        argv=lambda w, input, output: ["search", "--dense", input.dense, "--out", output.model, "--method", w.method,
-                                       "--granularity", w.granularity, "--keep", w.keep]
-        + (["--costs", input.costs[0]] if input.costs else []),
+        # search, then extract its mask, in one job (one process start-up)
+        argv=lambda w, input, output: [
+            ["search", "--dense", input.dense, "--out", output.model, "--method", w.method, "--granularity",
+             w.granularity, "--keep", w.keep] + (["--costs", input.costs[0]] if input.costs else []),
+            ["extract", "--search", output.model, "--out", output.mask],
+        ],
     threads: config["threads"]
     resources:
         gpu=GPU,
         **resources("train"),
-    conda:
-        ENV
-    script:
-        "../scripts/stage.py"
-
-
-rule extract:
-    input:
-        search=f"{CELL}/search.pt",
-    output:
-        mask=f"{CELL}/mask.json",
-    log:
-        f"{CELL}/logs/extract.log",
-    wildcard_constraints:
-        method="depthshrinker|snl",
-    benchmark:
-        f"{CELL}/benchmarks/extract.tsv"
-    params:
-        config=reads("extract"),
-        argv=lambda w, input, output: ["extract", "--search", input.search, "--out", output.mask],
-    resources:
-        **resources("light"),
     conda:
         ENV
     script:

@@ -153,20 +153,30 @@ def measure(model: nn.Module, input_size: int, runs: int = 3, **kwargs) -> dict:
     return measure_many({"model": model}, input_size, runs, **kwargs)["model"]
 
 
-def bench_mpc(ckpt_path: str | Path, out_json: str | Path, input_size: int, runs: int = 3, **kwargs) -> dict:
-    """Pipeline stage: measure a checkpoint (PlainNet or timm) under CrypTen and write the JSON, with the cost
-    model's online and preprocessing predictions next to the measured ones and its latency estimates."""
+def bench_mpc(ckpt_paths: list[str | Path], outs: list[str | Path], input_size: int, runs: int = 3,
+              **kwargs) -> list[dict]:
+    """Pipeline stage: measure checkpoints (PlainNet or timm) under CrypTen, interleaved in one set of party
+    processes (``measure_many``), and write one JSON per checkpoint to the matching ``outs`` entry, with the
+    cost model's online and preprocessing predictions next to the measured ones and its latency estimates."""
     from ..checkpoint import load_model, write_json
 
-    net = as_plain(load_model(ckpt_path)[0])
-    result = {"mpc_checkpoint": str(ckpt_path), **measure(net, input_size, runs, **kwargs)}
-    predicted = cost.count(net, input_size)
-    measured = (result["mpc_bytes"], result["mpc_rounds"], result["mpc_preproc_bytes"], result["mpc_preproc_requests"])
-    model = (predicted.bytes, predicted.rounds, predicted.preproc_bytes, predicted.preproc_requests)
-    result.update(model_bytes=predicted.bytes, model_rounds=predicted.rounds,
-                  model_preproc_bytes=predicted.preproc_bytes, model_preproc_requests=predicted.preproc_requests,
-                  # with TFP (no dealer) only the online figures can be compared
-                  mpc_model_exact=measured == model if result["mpc_private"] else measured[:2] == model[:2],
-                  **{f"mpc_est_{name}_s": cost.estimate(net, input_size, name)["latency_s"] for name in cost.NETWORKS})
-    write_json(out_json, result)
-    return result
+    if len(ckpt_paths) != len(outs):
+        raise MPCError(f"bench-mpc: {len(ckpt_paths)} models but {len(outs)} outputs")
+    nets = {str(p): as_plain(load_model(p)[0]) for p in ckpt_paths}
+    measured = measure_many(nets, input_size, runs, **kwargs)
+    results = []
+    for (path, net), out in zip(nets.items(), outs):
+        result = {"mpc_checkpoint": path, **measured[path], "mpc_measured_with": len(nets)}
+        predicted = cost.count(net, input_size)
+        got = (result["mpc_bytes"], result["mpc_rounds"], result["mpc_preproc_bytes"],
+               result["mpc_preproc_requests"])
+        model = (predicted.bytes, predicted.rounds, predicted.preproc_bytes, predicted.preproc_requests)
+        result.update(model_bytes=predicted.bytes, model_rounds=predicted.rounds,
+                      model_preproc_bytes=predicted.preproc_bytes, model_preproc_requests=predicted.preproc_requests,
+                      # with TFP (no dealer) only the online figures can be compared
+                      mpc_model_exact=got == model if result["mpc_private"] else got[:2] == model[:2],
+                      **{f"mpc_est_{name}_s": cost.estimate(net, input_size, name)["latency_s"]
+                         for name in cost.NETWORKS})
+        write_json(out, result)
+        results.append(result)
+    return results
