@@ -15,7 +15,8 @@ from torch import nn
 
 from depthshrinker import depthdp
 from depthshrinker.baselines import train_dense
-from depthshrinker.checkpoint import load, load_model, read_json, save, write_json
+from depthshrinker.checkpoint import load, load_model, save
+from depthshrinker.jsonio import read_json, write_json
 from depthshrinker.config import ConfigError, load_config
 from depthshrinker.counting import nonlinear
 from depthshrinker.data import build_datasets

@@ -343,21 +343,31 @@ def test_processes_exit_when_the_caller_is_killed():
 
 @needs_crypten
 @pytest.mark.slow
-def test_bench_mpc_stage_writes_json(tmp_path):
-    model = create_model("mobilenetv2_100", 10, small_input=True)
-    spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True,
-            "mask": {"granularity": "block", "keep": KEEPS["F"]}}
-    apply_keep(model, activation_units(model), KEEPS["F"])
-    checkpoint.save(tmp_path / "ckpt.pt", model, spec)
-    result = bench_mpc(tmp_path / "ckpt.pt", tmp_path / "mpc.json", SIZE, runs=1, warmup=0)
-    written = json.loads((tmp_path / "mpc.json").read_text())
-    assert written == result
-    assert (written["mpc_bytes"], written["mpc_rounds"]) == (written["model_bytes"], written["model_rounds"])
-    assert (written["mpc_preproc_bytes"], written["mpc_preproc_requests"]) == \
-        (written["model_preproc_bytes"], written["model_preproc_requests"])
-    assert written["mpc_model_exact"] is True and written["mpc_provider"] == "ttp"
-    assert written["mpc_est_wan_s"] > written["mpc_est_lan_s"] > 0 and written["mpc_latency_s"] > 0
-    assert written["mpc_preproc_s"] > 0 and written["mpc_preproc_mb"] == written["mpc_preproc_bytes"] / 1e6
+def test_bench_mpc_stage_writes_one_exact_json_per_network_from_one_set_of_parties(tmp_path):
+    """Two networks (pattern F and dense) measured in one call: each JSON holds its own counts, equal to the cost
+    model's prediction for that network."""
+    paths = []
+    for name, keep in (("f", KEEPS["F"]), ("dense", [1] * 19)):
+        model = create_model("mobilenetv2_100", 10, small_input=True)
+        spec = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True,
+                "mask": {"granularity": "block", "keep": keep}}
+        apply_keep(model, activation_units(model), keep)
+        checkpoint.save(tmp_path / f"{name}.pt", model, spec)
+        paths.append(tmp_path / f"{name}.pt")
+    outs = [tmp_path / "f.json", tmp_path / "dense.json"]
+    results = bench_mpc(paths, outs, SIZE, runs=1, warmup=0)
+    for out, result in zip(outs, results):
+        written = json.loads(out.read_text())
+        assert written == result and written["mpc_measured_with"] == 2
+        assert (written["mpc_bytes"], written["mpc_rounds"]) == (written["model_bytes"], written["model_rounds"])
+        assert (written["mpc_preproc_bytes"], written["mpc_preproc_requests"]) == \
+            (written["model_preproc_bytes"], written["model_preproc_requests"])
+        assert written["mpc_model_exact"] is True and written["mpc_provider"] == "ttp"
+        assert written["mpc_est_wan_s"] > written["mpc_est_lan_s"] > 0 and written["mpc_latency_s"] > 0
+        assert written["mpc_preproc_s"] > 0 and written["mpc_preproc_mb"] == written["mpc_preproc_bytes"] / 1e6
+    assert results[0]["mpc_rounds"] < results[1]["mpc_rounds"]  # pattern F removed activation layers
+    with pytest.raises(MPCError, match="2 models but 1 outputs"):
+        bench_mpc(paths, outs[:1], SIZE)
 
 
 def test_unknown_provider_is_an_mpc_error():

@@ -1,7 +1,7 @@
 """Provenance: which config sections each stage reads, their hash, and the stamp the CLI puts in a stage's JSON."""
 import pytest
 
-from depthshrinker.checkpoint import read_json, write_json
+from depthshrinker.jsonio import read_json, write_json
 from depthshrinker.cli import stamp
 from depthshrinker.config import ConfigError, deep_merge, for_seed, validate
 from depthshrinker.provenance import CHAINS, READS, config_hash, provenance, reads, sections

@@ -4,11 +4,11 @@ import math
 import pandas as pd
 import pytest
 
-from depthshrinker.checkpoint import write_json
+from depthshrinker.jsonio import write_json
 from depthshrinker.cli import main
 from depthshrinker.config import ConfigError
 from depthshrinker.report import (COLUMNS, END, START, CountMismatch, aggregate, by_cell, cell_row, compare,
-                                  iqr_column, render_table, summarize, table, verdict)
+                                  iqr_column, render_table, rerun_check, summarize, table, verdict)
 from depthshrinker.stats import wilson
 
 T2 = 4.302653  # Student t 97.5 % quantile, 2 degrees of freedom
@@ -232,3 +232,18 @@ def test_quality_columns_reach_the_row_and_get_intervals(tmp_path):
     three = by_cell(pd.DataFrame([{**row, "seed": s, "nll": v} for s, v in enumerate([1.0, 1.1, 1.2])])).iloc[0]
     half = T2 * 0.1 / math.sqrt(3)
     assert (three["nll_lo"], three["nll_hi"]) == pytest.approx((1.1 - half, 1.1 + half))
+
+
+def test_rerun_check_counts_the_cells_inside_the_reference_intervals(tmp_path):
+    ref = by_cell(_summary())  # depthshrinker: top1 97 ± 2.48 over 3 seeds; dense: one seed, no test_images
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    rerun = ref.copy()
+    ds = rerun["method"] == "depthshrinker"
+    rerun.loc[ds, "top1_mean"] = 99.7  # outside
+    rerun.to_csv(tmp_path / "rerun.csv", index=False)
+    text = rerun_check(tmp_path / "ref.csv", tmp_path / "rerun.csv")
+    assert "| depthshrinker block 0.4 | top1 | 97 [94.52, 99.48] | 99.7 | **no** |" in text
+    assert text.endswith("0 of 1 inside.\n")  # dense has no interval without its held-out count
+    rerun.loc[ds, "top1_mean"] = 96.0
+    rerun.to_csv(tmp_path / "rerun.csv", index=False)
+    assert rerun_check(tmp_path / "ref.csv", tmp_path / "rerun.csv").endswith("1 of 1 inside.\n")

@@ -86,7 +86,11 @@ def test_cpu_latency_reports_ratios_to_the_reference():
 def test_bench_device_stage_writes_json(tmp_path):
     net = to_plain(create_model("mobilenetv2_100", 10, True).eval())
     save(tmp_path / "m.pt", net, net.spec)
-    row = bench_device(tmp_path / "m.pt", tmp_path / "m.pt", tmp_path / "b.json", 16, repeats=2)
-    assert json.loads((tmp_path / "b.json").read_text()) == row
+    save(tmp_path / "n.pt", net, net.spec)
+    rows = bench_device([tmp_path / "m.pt", tmp_path / "n.pt"], tmp_path / "m.pt",
+                        [tmp_path / "b.json", tmp_path / "c.json"], 16, repeats=2)
+    assert len(rows) == 2 and json.loads((tmp_path / "c.json").read_text()) == rows[1]
+    row = json.loads((tmp_path / "b.json").read_text())
+    assert row == rows[0] and row["timed_with"] == 2
     assert row["cpu_latency_ms"] > 0
     assert (row["gpu_throughput_img_s"] is None) == (not torch.cuda.is_available())

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from depthshrinker.checkpoint import read_json
+from depthshrinker.jsonio import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from .checkpoint import load_model, write_json
+from .checkpoint import load_model
+from .jsonio import write_json
 from .mpc.engine import as_plain
 
 

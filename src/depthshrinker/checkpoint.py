@@ -91,22 +91,3 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     model = build(ckpt["spec"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt["spec"]
-
-
-def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically (indent 2)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err})") from None

@@ -3,12 +3,13 @@ as the Snakemake rule (the rule runs this very command line), so a stage run by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-from .checkpoint import read_json, write_json
+from .jsonio import read_json, write_json
 from .config import ConfigError, load_config
 from .provenance import provenance
 
@@ -62,7 +63,7 @@ def cmd_finetune(args):
 
 
 def cmd_merge(args):
-    from .checkpoint import write_json
+    from .jsonio import write_json
     from .merge import export_onnx, merge_checkpoint, merge_pattern, onnx_max_abs_err
     from .plan import merge_policy
 
@@ -178,6 +179,14 @@ def cmd_compare(args):
     if args.readme:
         replace_block(args.readme, PAIRED_MARKERS, text)
     return {"rows": len(text.splitlines()) - 2, "out": args.out}
+
+
+def cmd_rerun_check(args):
+    from .report import rerun_check
+
+    text = rerun_check(args.reference, args.rerun, out=args.out)
+    print(text)
+    return {"inside": text.rsplit("\n\n", 1)[1].strip()}
 
 
 def cmd_plots(args):
@@ -305,6 +314,10 @@ def parser() -> argparse.ArgumentParser:
                    help="A:B pairs of method/granularity cells, e.g. depthshrinker/block:snl/channel (A − B)")
     s.add_argument("--out", required=True, help="Markdown table to write")
     s.add_argument("--readme", default=None, help="also rewrite the block between the paired-table markers here")
+    s = add("rerun-check", cmd_rerun_check, "does every cell of a rerun land inside the reference's 95 %% interval?")
+    s.add_argument("--reference", required=True, help="summary_by_cell.csv whose intervals are the reference")
+    s.add_argument("--rerun", required=True, help="summary_by_cell.csv of the rerun (another machine, thread count)")
+    s.add_argument("--out", default=None, help="also write the Markdown table here")
     s = add("plots", cmd_plots, "accuracy vs cost figures (PNG and PDF) with intervals and the Pareto front")
     s.add_argument("--summary", required=True, help="summary CSV, one row per cell and seed")
     s.add_argument("--out", required=True, help="folder for the PNGs and PDFs")
@@ -334,6 +347,24 @@ def stamp(path: Path, config: dict, stage: str) -> None:
         write_json(path, {**data, "provenance": provenance(config, stage)})
 
 
+# Stages that read and write JSON/CSV only: they run without torch (a quicker start for the many row jobs).
+LIGHT = {"row", "summarize", "aggregate", "compare", "table", "rerun-check", "plots"}
+
+
+@contextlib.contextmanager
+def _runtime(args):
+    """Yields ``is_main``: the stage's process set-up (torch threads, and the torchrun process group under
+    torchrun); JSON/CSV-only stages (``LIGHT``) skip it."""
+    if args.command in LIGHT:
+        yield lambda: True
+        return
+    from .train import init_distributed, is_main, set_threads
+
+    set_threads(args.threads)
+    with init_distributed():
+        yield is_main
+
+
 def main(argv: list[str] | None = None, config: dict | None = None, log_file: str | None = None) -> int:
     """Run one subcommand; ``config`` (a validated dict) replaces ``--config`` when called from Python.
     Under torchrun (WORLD_SIZE > 1) the process group is set up first (NCCL on GPUs, gloo on CPUs).
@@ -341,11 +372,9 @@ def main(argv: list[str] | None = None, config: dict | None = None, log_file: st
     its result goes to stdout and to ``log_file``."""
     args = parser().parse_args(argv)
     args.config_dict = config
-    from .train import configure, init_distributed, is_main
-
-    configure(args.threads, log_file)
+    configure_logging(log_file)
     try:
-        with init_distributed():
+        with _runtime(args) as is_main:
             result = args.fn(args)
             if is_main():
                 stage = f"row:{args.method}" if args.command == "row" else args.command
@@ -363,6 +392,16 @@ def main(argv: list[str] | None = None, config: dict | None = None, log_file: st
     if log_file:
         logging.getLogger("depthshrinker").info(f"{args.command} result:\n{text}")
     return 0
+
+
+def configure_logging(log_file: str | Path | None = None) -> None:
+    """Log lines to stderr (and appended to ``log_file``)."""
+    handlers = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
 
 
 if __name__ == "__main__":

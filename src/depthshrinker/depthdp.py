@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from .bench import quartiles, time_interleaved
-from .checkpoint import load_model, read_json, write_json
+from .checkpoint import load_model
+from .jsonio import read_json, write_json
 from .config import ConfigError
 from .data import build_datasets
 from .finetune import read_mask

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load, load_model, read_json
+from .checkpoint import load, load_model
+from .jsonio import read_json
 from .config import ConfigError
 from .data import build_loaders
 from .bits import decode_bits

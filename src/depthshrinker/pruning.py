@@ -30,7 +30,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint import BUILDERS, load_model, write_json
+from .checkpoint import BUILDERS, load_model
+from .jsonio import write_json
 from .config import ConfigError
 from .counting import macs, params
 from .data import build_datasets, build_loaders

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .checkpoint import load, load_model, read_json, write_json
 from .config import ConfigError
-from .counting import profile
+from .jsonio import read_json, write_json
 from .provenance import software
 from .stats import t_interval, wilson
 
@@ -41,6 +40,9 @@ class CountMismatch(ConfigError):
 def profile_cell(model_path: str | Path, method: str, granularity: str, keep_ratio: float, image_size: int,
                  out: str | Path | None = None) -> dict:
     """The summary row of one cell from its finetuned checkpoint: top-1 and the cost counts."""
+    from .checkpoint import load, load_model
+    from .counting import profile
+
     model, _ = load_model(model_path)
     metrics = json.loads(load(model_path).get("metrics", "{}"))
     row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio),
@@ -88,6 +90,7 @@ def cell_row(method: str, granularity: str, keep_ratio: float, model: str | Path
     row = {"method": method, "granularity": granularity, "keep_ratio": float(keep_ratio), "seed": seed,
            "config_hash": config_hash, "top1": metrics["top1"],
            **{k: metrics[k] for k in QUALITY if k in metrics},
+           **{f"train_{k}": metrics[k] for k in ("epochs", "best_epoch") if k in metrics},  # how training ended
            **({"test_images": metrics["test_images"]} if "test_images" in metrics else {}), "checkpoint": str(model),
            **metrics.get("row", {})}  # what a training stage flags for the summary (a raised budget, a missed one)
     loaded = []
@@ -374,6 +377,29 @@ def compare(summary: str | Path, pairs: list[tuple[str, str]], out: str | Path |
             lines.append(f"| {d['keep']:g} | {a} − {b} | {d['column']} | {per_seed} | {d['mean']:+.3g} | "
                          f"[{d['lo']:+.3g}, {d['hi']:+.3g}] | {d['verdict']} |")
     text = "\n".join(lines) + "\n"
+    if out is not None:
+        Path(out).write_text(text)
+    return text
+
+
+def rerun_check(reference: str | Path, rerun: str | Path, columns: tuple[str, ...] = ("top1", "nll", "teacher_agreement"),
+                out: str | Path | None = None) -> str:
+    """Markdown: does every cell of a rerun (its ``summary_by_cell.csv``: another machine, another thread count)
+    land inside the 95 % interval printed for it by the ``reference`` aggregate? One line per cell and column
+    (reference mean and interval, rerun mean, inside or not) and a count at the end."""
+    ref, new = (pd.read_csv(p).set_index(CELL) for p in (reference, rerun))
+    lines = ["| cell | column | reference mean [95 % interval] | rerun mean | inside |", "|---" * 5 + "|"]
+    inside = total = 0
+    for cell in ref.index.intersection(new.index):
+        for column in columns:
+            if f"{column}_mean" not in ref or pd.isna(ref.loc[cell, f"{column}_lo"]):
+                continue
+            lo, hi, mean = ref.loc[cell, f"{column}_lo"], ref.loc[cell, f"{column}_hi"], new.loc[cell, f"{column}_mean"]
+            ok = bool(lo <= mean <= hi)
+            inside, total = inside + ok, total + 1
+            lines.append(f"| {cell[0]} {cell[1]} {cell[2]:g} | {column} | {ref.loc[cell, f'{column}_mean']:.4g} "
+                         f"[{lo:.4g}, {hi:.4g}] | {mean:.4g} | {'yes' if ok else '**no**'} |")
+    text = "\n".join(lines) + f"\n\n{inside} of {total} inside.\n"
     if out is not None:
         Path(out).write_text(text)
     return text

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build, load, load_model, write_json
+from .checkpoint import build, load, load_model
+from .jsonio import write_json
 from .config import ConfigError
 from .counting import nonlinear
 from .data import build_loaders
@@ -82,7 +83,7 @@ def search(config: dict, dense_ckpt: str | Path, out: str | Path, method: str, g
                                           st["latency_weight"])
     settling = Settling(model, stop=st["settle"])
     return train_stage(config, "search", model, spec, out, loaders, regularizer=regularizer, desc=desc,
-                       stop_step=settling.step, on_epoch_end=settling.epoch_end, extra_metrics=settling.summary)
+                       on_epoch_end=settling.epoch_end, extra_metrics=settling.summary)
 
 
 def hard_decisions(model) -> torch.Tensor:
@@ -95,25 +96,18 @@ def hard_decisions(model) -> torch.Tensor:
 
 
 class Settling:
-    """Has the searched mask settled? Counts, per epoch, the decisions (units; SNL: channels or pixels) that
-    differed at any step of the epoch from where the epoch started (``mask_changes``). With ``stop``, the search
-    ends after the first epoch without a change: only the mask of a search is used (finetuning starts from the
-    dense weights), so further epochs could not change the result."""
+    """Has the searched mask settled? Counts, per epoch, the decisions (units; SNL: channels or pixels) whose
+    keep/remove state at the end of the epoch differs from the start (``mask_changes``). With ``stop``, the
+    search ends after the first epoch without a change: only the mask of a search is used (finetuning starts
+    from the dense weights), so more epochs could not change the result."""
 
     def __init__(self, model, stop: bool):
-        self.stop, self.start, self.changed = stop, hard_decisions(model), None
-
-    def step(self, model) -> bool:
-        now = hard_decisions(model)
-        if self.start.device != now.device:
-            self.start = self.start.to(now.device)
-        flipped = now != self.start
-        self.changed = flipped if self.changed is None else self.changed | flipped
-        return False  # never ends the epoch
+        self.stop, self.start = stop, hard_decisions(model)
 
     def epoch_end(self, epoch, model, record) -> bool:
-        record["mask_changes"] = int(self.changed.sum()) if self.changed is not None else 0
-        self.start, self.changed = hard_decisions(model), None
+        now = hard_decisions(model)
+        record["mask_changes"] = int((now != self.start.to(now.device)).sum())
+        self.start = now
         return self.stop and record["mask_changes"] == 0
 
     @staticmethod

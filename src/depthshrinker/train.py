@@ -342,7 +342,8 @@ def train_stage(config: dict, stage: str, model: nn.Module, spec: dict, out: str
     ``reference`` (the dense teacher; ``teacher`` when not given), ``teacher_agreement`` (% same top-1 class)
     and ``teacher_kl`` (mean KL(teacher ‖ model), nats); ``test_images``, ``epochs`` run, ``best_epoch`` (early stopping), the recipe,
     ``extra_metrics(history)`` and the history."""
-    from .checkpoint import save, write_json
+    from .checkpoint import save
+    from .jsonio import write_json
 
     out = Path(out)
     recipe = replace(Recipe.from_config(config, stage, distill=distill), **(recipe_overrides or {}))
@@ -367,13 +368,7 @@ def train_stage(config: dict, stage: str, model: nn.Module, spec: dict, out: str
     return metrics
 
 
-def configure(threads: int | None = None, log_file: str | Path | None = None) -> None:
-    """Process-wide set-up of a stage: CPU threads, and log lines to stderr (and ``log_file``)."""
+def set_threads(threads: int | None) -> None:
+    """CPU threads of this process's torch (None: torch's default)."""
     if threads:
         torch.set_num_threads(threads)
-    handlers = [logging.StreamHandler()]
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="a"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)

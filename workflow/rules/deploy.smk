@@ -14,6 +14,8 @@ rule merge:
         report=f"{CELL}/merge.json",
     log:
         f"{CELL}/logs/merge.log",
+    wildcard_constraints:
+        method="dense|uniform|metapruning",  # the finetune job merges its own cells
     benchmark:
         f"{CELL}/benchmarks/merge.tsv"
     params:

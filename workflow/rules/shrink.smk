@@ -1,4 +1,5 @@
-# DepthShrinker and SNL cells: search (with its mask extraction) -> finetune (depthdp cells: depthdp.smk -> finetune).
+# DepthShrinker and SNL cells: search (with its mask extraction) -> finetune (with its merge); depthdp cells:
+# depthdp.smk -> finetune.
 
 
 rule search:
@@ -42,6 +43,8 @@ rule finetune:
     output:
         model=f"{CELL}/model.pt",
         metrics=f"{CELL}/model.json",
+        merged=f"{CELL}/merged.pt",
+        report=f"{CELL}/merge.json",
     log:
         f"{CELL}/logs/finetune.log",
     wildcard_constraints:
@@ -50,7 +53,11 @@ rule finetune:
         f"{CELL}/benchmarks/finetune.tsv"
     params:
         config=reads("finetune"),
-        argv=lambda w, input, output: ["finetune", "--dense", input.dense, "--mask", input.mask, "--out", output.model],
+        # finetune, then merge the result, in one job (the merge reads no config key the finetune does not)
+        argv=lambda w, input, output: [
+            ["finetune", "--dense", input.dense, "--mask", input.mask, "--out", output.model],
+            ["merge", "--checkpoint", output.model, "--out", output.merged, "--report", output.report],
+        ],
     threads: config["threads"]
     resources:
         gpu=GPU,

@@ -158,7 +158,8 @@ def bench_mpc(ckpt_paths: list[str | Path], outs: list[str | Path], input_size: 
     """Pipeline stage: measure checkpoints (PlainNet or timm) under CrypTen, interleaved in one set of party
     processes (``measure_many``), and write one JSON per checkpoint to the matching ``outs`` entry, with the
     cost model's online and preprocessing predictions next to the measured ones and its latency estimates."""
-    from ..checkpoint import load_model, write_json
+    from ..checkpoint import load_model
+    from ..jsonio import write_json
 
     if len(ckpt_paths) != len(outs):
         raise MPCError(f"bench-mpc: {len(ckpt_paths)} models but {len(outs)} outputs")
