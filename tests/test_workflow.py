@@ -32,12 +32,12 @@ def planned(*args) -> dict[str, int]:
 
 
 def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
-    """12 cells x 3 seeds: DepthShrinker block at 3 keep ratios, SNL channel and pixel at 2, uniform at 2 widths,
-    MetaPruning at 2 matched costs, dense. The benchmarks of seed-independent architectures (dense, uniform,
-    SNL channel/pixel: 7 cells) run once; the cost table once."""
+    """11 cells x 3 seeds: DepthShrinker block, SNL channel and pixel and MetaPruning at 2 keep ratios, uniform at
+    2 widths, dense. One timing job per seed (DepthShrinker, MetaPruning) and one for the 7 seed-free cells
+    (dense, uniform, SNL channel/pixel); the finetune jobs merge their own cells; the cost table once."""
     jobs = planned("--config", f"results={tmp_path}/r")
-    assert jobs == {"train_dense": 3, "cost_table": 1, "search": 21, "finetune": 21, "train_uniform": 6,
-                    "metaprune": 6, "merge": 36, "bench_device": 36 - 2 * 7, "bench_mpc": 36 - 2 * 7, "row": 36,
+    assert jobs == {"train_dense": 3, "cost_table": 1, "search": 18, "finetune": 18, "train_uniform": 6,
+                    "metaprune": 6, "merge": 3 + 6 + 6, "bench": 3, "bench_seed_free": 1, "row": 33,
                     "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
@@ -53,12 +53,10 @@ def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path)
 def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
     one = planned("--configfile", str(ROOT / "config" / "quick.yaml"), "--config", f"results={tmp_path}/r")
     three = planned("--config", f"results={tmp_path}/r")
-    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "merge", "row"):
+    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "merge", "row", "bench"):
         assert three[rule] == 3 * one[rule], rule
-    for rule in ("cost_table", "summarize", "aggregate", "paired", "plots"):
+    for rule in ("cost_table", "bench_seed_free", "summarize", "aggregate", "paired", "plots"):
         assert three[rule] == one[rule] == 1, rule
-    # benchmarks: per seed only where the architecture depends on it (DepthShrinker and MetaPruning, 5 cells)
-    assert three["bench_mpc"] - one["bench_mpc"] == three["bench_device"] - one["bench_device"] == 2 * 5
 
 
 def test_one_cell_is_rebuilt_by_naming_its_file(tmp_path):
