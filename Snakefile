@@ -22,5 +22,5 @@ rule all:
     input:
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/summary_by_cell.csv",
-        f"{RESULTS}/paired.md",
+        [f"{RESULTS}/paired.md"] if pairs() else [],
         f"{RESULTS}/plots",

@@ -69,7 +69,7 @@ def main() -> None:
     else:
         config = validate({"data": {"dataset": args.dataset, "image_size": args.image_size,
                                     "batch_size": args.batch}})
-        train_loader, _, classes = build_loaders(config["data"])
+        train_loader, _, _, classes = build_loaders(config["data"])
     val_loader = [next(iter(train_loader))]  # the engine evaluates after each epoch; keep that out of the way
     model = create_model("mobilenetv2_100", classes, small_input=args.image_size <= 64).to(device())
     recipe = Recipe(epochs=1, lr=0.01, amp=args.amp, channels_last=args.channels_last)

@@ -29,8 +29,10 @@ def test_digits_three_disjoint_splits():
     assert len(select & train) <= 2 and len(select & test) <= 2 and len(train & test) <= 4
     again = build_datasets(data, seed=0)
     assert torch.equal(again.select.tensors[0], splits.select.tensors[0])
-    loader = build_loaders(data, seed=0)[1]
-    assert sum(len(y) for _, y in loader) == 359, "the engine evaluates on the test split"
+    loaders = build_loaders(data, seed=0)
+    assert sum(len(y) for _, y in loaders.select) == 200, "the engine scores each epoch on the selection split"
+    assert sum(len(y) for _, y in loaders.test) == 359, "reported figures come from the test split"
+    assert torch.equal(next(iter(loaders.select))[0], splits.select.tensors[0][:data["eval_batch_size"]])
 
 
 def test_imagenet_selection_comes_from_train_with_the_eval_transform(tmp_path):

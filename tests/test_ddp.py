@@ -52,8 +52,8 @@ def _worker(rank, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        train, val, _ = build_loaders(CONFIG["data"])
-        history = fit(tiny_net(), train, val, RECIPE, f"{out}/ddp.last")
+        loaders = build_loaders(CONFIG["data"])
+        history = fit(tiny_net(), loaders.train, loaders.select, RECIPE, f"{out}/ddp.last")
         if rank == 0:
             with open(f"{out}/ddp.json", "w") as f:
                 json.dump(history, f)
@@ -69,7 +69,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     ddp = json.loads((tmp_path / "ddp.json").read_text())
 
-    train, val, _ = build_loaders(CONFIG["data"])
+    train, val = build_loaders(CONFIG["data"])[:2]
     x, y = zip(*[train.dataset[i] for i in range(len(train.dataset))])
     loader = InterleavedLoader(TensorDataset(torch.stack(x), torch.stack(y)), per_rank=16)
     single = fit(tiny_net(), loader, val, RECIPE, tmp_path / "single.last")

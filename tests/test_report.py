@@ -8,6 +8,7 @@ from depthshrinker.jsonio import write_json
 from depthshrinker.cli import main
 from depthshrinker.config import ConfigError
 from depthshrinker.report import (COLUMNS, END, START, CountMismatch, aggregate, by_cell, cell_row, compare,
+                                  compare_wide,
                                   iqr_column, render_table, rerun_check, summarize, table, verdict)
 from depthshrinker.stats import wilson
 
@@ -247,3 +248,14 @@ def test_rerun_check_counts_the_cells_inside_the_reference_intervals(tmp_path):
     rerun.loc[ds, "top1_mean"] = 96.0
     rerun.to_csv(tmp_path / "rerun.csv", index=False)
     assert rerun_check(tmp_path / "ref.csv", tmp_path / "rerun.csv").endswith("1 of 1 inside.\n")
+
+
+def test_compare_wide_puts_one_pair_and_keep_per_line_with_bold_where_the_interval_excludes_0(tmp_path):
+    rows = pd.DataFrame([{"method": m, "granularity": g, "keep_ratio": 0.4, "seed": s, "top1": t, "mpc_rounds": r}
+                         for m, g, r in (("depthshrinker", "block", 170), ("snl", "pixel", 369))
+                         for s, t in zip((0, 1, 2), (98.0, 99.0, 97.0) if m == "snl" else (98.5, 98.0, 98.0))])
+    rows.to_csv(tmp_path / "s.csv", index=False)
+    lines = compare_wide(tmp_path / "s.csv", [("depthshrinker/block", "snl/pixel")]).splitlines()
+    assert lines[0] == "| keep | a − b | n | top1 | mpc_rounds |"
+    assert lines[2].startswith("| 0.4 | depthshrinker/block − snl/pixel | 3 | +0.167 [")  # holds 0: plain
+    assert lines[2].endswith("| **-199 [-199, -199]** |")

@@ -46,7 +46,7 @@ def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path)
     # one latency table; one importance job per block with activations (19) plus the dense reference; the DP
     # per cell; the DepthShrinker cells whose masks set the budgets are the grid's own (no extra search)
     assert jobs == {"train_dense": 3, "cost_table": 1, "latency_table": 1, "importance": 3 * 20, "search": 9,
-                    "depthdp": 9, "finetune": 18, "merge": 21, "bench_device": 19, "bench_mpc": 19,
+                    "depthdp": 9, "finetune": 18, "merge": 3, "bench": 3, "bench_seed_free": 1,
                     "row": 21, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 

@@ -169,7 +169,7 @@ def cmd_aggregate(args):
 
 
 def cmd_compare(args):
-    from .report import PAIRED_MARKERS, compare, replace_block
+    from .report import PAIRED_MARKERS, compare, compare_wide, replace_block
 
     pairs = [tuple(pair.split(":")) for pair in args.pairs]
     bad = next((p for p, pair in zip(args.pairs, pairs) if len(pair) != 2), None)
@@ -177,7 +177,7 @@ def cmd_compare(args):
         raise ConfigError(f"compare: pair '{bad}' is not A:B (e.g. depthshrinker/block:snl/channel)")
     text = compare(args.summary, pairs, args.out)
     if args.readme:
-        replace_block(args.readme, PAIRED_MARKERS, text)
+        replace_block(args.readme, PAIRED_MARKERS, compare_wide(args.summary, pairs))
     return {"rows": len(text.splitlines()) - 2, "out": args.out}
 
 
@@ -313,7 +313,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pairs", nargs="+", required=True,
                    help="A:B pairs of method/granularity cells, e.g. depthshrinker/block:snl/channel (A − B)")
     s.add_argument("--out", required=True, help="Markdown table to write")
-    s.add_argument("--readme", default=None, help="also rewrite the block between the paired-table markers here")
+    s.add_argument("--readme", default=None, help="also rewrite the block between the paired-table markers here "
+                   "(one line per pair and keep ratio: mean [95 %% interval], bold where it excludes 0)")
     s = add("rerun-check", cmd_rerun_check, "does every cell of a rerun land inside the reference's 95 %% interval?")
     s.add_argument("--reference", required=True, help="summary_by_cell.csv whose intervals are the reference")
     s.add_argument("--rerun", required=True, help="summary_by_cell.csv of the rerun (another machine, thread count)")

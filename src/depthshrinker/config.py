@@ -72,7 +72,11 @@ def validate(config: dict) -> dict:
     root = schema()
     config = coerce(copy.deepcopy(config or {}), root, root)
     cls = _with_defaults(jsonschema.Draft202012Validator)
-    error = jsonschema.exceptions.best_match(cls(root).iter_errors(config))
+    errors = list(cls(root).iter_errors(config))
+    # a failed `allOf` drops its keys' evaluation, so `unevaluatedProperties` then also flags keys it declares:
+    # report the cause, not that consequence
+    causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
+    error = jsonschema.exceptions.best_match(causes)
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
         raise ConfigError(f"config key '{key}': {error.message}")

@@ -248,7 +248,7 @@ def _value(row: pd.Series, column: str, digits: int, scale: float = 1.0) -> str:
         return f"{text} ({lo:.{digits}f}–{hi:.{digits}f})"
     if row["n"] < 2:
         return f"{text} ({hi - lo:.{digits}f})"
-    return f"{text} ± {(hi - lo) / 2:.{digits}f}"
+    return f"{text} ± {max(hi - mean, mean - lo):.{digits}f}"  # the half-width, also where a bound was clipped
 
 
 TABLE = [  # (header, column, digits, scale)
@@ -362,6 +362,26 @@ def paired(rows: pd.DataFrame, a: str, b: str, columns: tuple[str, ...] = PAIRED
                         "diffs": diff.tolist(), "mean": diff.mean(), "lo": lo, "hi": hi,
                         "verdict": verdict(column, lo, hi, a, b)})
     return out
+
+
+def compare_wide(summary: str | Path, pairs: list[tuple[str, str]], columns: tuple[str, ...] = PAIRED) -> str:
+    """Markdown: one line per pair and keep ratio, one column per metric: the mean of ``a − b`` over seeds and
+    its 95 % t-interval, in bold where the interval excludes 0 (the README's form of ``compare``)."""
+    rows = pd.read_csv(summary)
+    found = [(a, b, paired(rows, a, b, columns, summary)) for a, b in pairs]
+    shown = [c for c in columns if any(d["column"] == c for _, _, ds in found for d in ds)]
+    lines = ["| keep | a − b | n | " + " | ".join(shown) + " |", "|---" * (len(shown) + 3) + "|"]
+    for a, b, diffs in found:
+        for keep in sorted({d["keep"] for d in diffs}):
+            at = {d["column"]: d for d in diffs if d["keep"] == keep}
+            cells = []
+            for c in shown:
+                d = at.get(c)
+                text = "–" if d is None else f"{d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]"
+                cells.append(f"**{text}**" if d is not None and d["verdict"] != "no detectable difference" else text)
+            n = max(len(d["diffs"]) for d in at.values())
+            lines.append(f"| {keep:g} | {a} − {b} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def compare(summary: str | Path, pairs: list[tuple[str, str]], out: str | Path | None = None,

@@ -52,12 +52,15 @@ def cells():
 
 def pairs():
     """The paired comparisons of the README (A:B, A − B per seed): DepthShrinker against each SNL granularity at
-    the same keep ratio, and against MetaPruning at the cost of the DepthShrinker block cell it matches."""
+    the same keep ratio, against MetaPruning at the cost of the DepthShrinker block cell it matches, and depthdp
+    against DepthShrinker at its budget."""
     ds = [f"depthshrinker/{g}" for g in GRID["depthshrinker"]["granularity"] if GRID["depthshrinker"]["keep"]]
     out = [f"{a}:snl/{g}" for a in ds for g in GRID["snl"]["granularity"] if GRID["snl"]["keep"]]
-    mp = GRID["metapruning"]
+    mp, dp = GRID["metapruning"], GRID["depthdp"]
     if "depthshrinker/block" in ds and mp["match"]:
         out += [f"depthshrinker/block:metapruning/{c}" for c in mp["cost"]]
+    if "depthshrinker/block" in ds and dp["keep"]:
+        out += [f"depthdp/{g}:depthshrinker/block" for g in dp["granularity"]]
     return out
 
 
