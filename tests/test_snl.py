@@ -122,7 +122,8 @@ def test_snl_element_reaches_its_budget_and_finetunes_the_searched_weights(dense
     weight = "blocks.3.0.conv_pw.weight"
     assert torch.allclose(tuned[weight], searched[weight]) and not torch.allclose(tuned[weight], dense_state[weight])
     assert nonlinear(load_model(tmp_path / "ft.pt")[0], 16)["nonlinear_units"] == mask["nonlinear_units"]
-    assert json.loads((tmp_path / "ft.json").read_text())["row"] == {"budget": budget, "budget_reached": True}
+    assert json.loads((tmp_path / "ft.json").read_text())["row"] == {"budget": budget, "budget_reached": True,
+                                                                      "search_epochs": metrics["epochs"]}
 
 
 def test_snl_element_that_misses_its_budget_says_so(dense, tmp_path):
