@@ -61,3 +61,10 @@ def test_strings_from_snakemake_config_become_the_schema_types():
     assert cfg["bench"]["gpu"] is False and cfg["results"] == "123"
     with pytest.raises(ConfigError, match="'mpc.runs': 'two' is not of type 'integer'"):
         validate({"mpc": {"runs": "two"}})
+
+
+def test_stage_keys_from_the_shared_stage_definition_are_coerced_too():
+    """`patience` lives in `$defs/stage` (reached through `allOf`), not in each stage's own properties."""
+    cfg = validate({"stages": {"finetune": {"patience": "2", "epochs": "5"}, "dense": {"patience": "null"}}})
+    assert cfg["stages"]["finetune"]["patience"] == 2 and cfg["stages"]["finetune"]["epochs"] == 5
+    assert cfg["stages"]["dense"]["patience"] is None

@@ -61,7 +61,11 @@ def coerce(instance, sch: dict, root: dict):
     if isinstance(instance, list) and "items" in sch:
         return [coerce(item, sch["items"], root) for item in instance]
     if isinstance(instance, dict):
-        props = sch.get("properties", {})
+        props = dict(sch.get("properties", {}))
+        for part in sch.get("allOf", []):  # keys a stage takes from `$defs/stage` (epochs, lr, patience)
+            while "$ref" in part:
+                part = root["$defs"][part["$ref"].rsplit("/", 1)[-1]]
+            props = {**part.get("properties", {}), **props}
         return {k: coerce(v, props[k], root) if k in props else v for k, v in instance.items()}
     return instance
 
