@@ -65,7 +65,8 @@ def coerce(instance, sch: dict, root: dict):
         for part in sch.get("allOf", []):  # keys a stage takes from `$defs/stage` (epochs, lr, patience)
             while "$ref" in part:
                 part = root["$defs"][part["$ref"].rsplit("/", 1)[-1]]
-            props = {**part.get("properties", {}), **props}
+            for key, sub in part.get("properties", {}).items():
+                props[key] = {**sub, **props.get(key, {})}  # the stage's own defaults over the shared types
         return {k: coerce(v, props[k], root) if k in props else v for k, v in instance.items()}
     return instance
 
