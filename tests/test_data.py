@@ -35,6 +35,16 @@ def test_digits_three_disjoint_splits():
     assert torch.equal(next(iter(loaders.select))[0], splits.select.tensors[0][:data["eval_batch_size"]])
 
 
+def test_split_seed_fixes_the_split_across_training_seeds():
+    data = validate({"data": {"image_size": 8}})["data"]
+    assert data["split_seed"] == 0
+    a, b = build_datasets(data, seed=0), build_datasets(data, seed=5)
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0]) and torch.equal(a.select.tensors[0], b.select.tensors[0])
+    own = {**data, "split_seed": None}
+    assert not torch.equal(build_datasets(own, seed=5).test.tensors[0], a.test.tensors[0])
+    assert torch.equal(build_datasets(own, seed=0).test.tensors[0], a.test.tensors[0])
+
+
 def test_imagenet_selection_comes_from_train_with_the_eval_transform(tmp_path):
     for part, n in (("train", 12), ("val", 4)):
         for label in ("a", "b"):

@@ -33,11 +33,11 @@ def planned(*args) -> dict[str, int]:
 
 def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
     """11 cells x 3 seeds: DepthShrinker block, SNL channel and pixel and MetaPruning at 2 keep ratios, uniform at
-    2 widths, dense. One timing job per seed (DepthShrinker, MetaPruning) and one for the 7 seed-free cells
-    (dense, uniform, SNL channel/pixel); the finetune jobs merge their own cells; the cost table once."""
+    2 widths, dense. One timing job: the 7 seed-free cells (dense, uniform, SNL channel/pixel) once, DepthShrinker
+    and MetaPruning for every seed; the finetune and metaprune jobs merge their own cells; the cost table once."""
     jobs = planned("--config", f"results={tmp_path}/r")
     assert jobs == {"train_dense": 3, "cost_table": 1, "search": 18, "finetune": 18, "train_uniform": 6,
-                    "metaprune": 6, "merge": 3 + 6 + 6, "bench": 3, "bench_seed_free": 1, "row": 33,
+                    "metaprune": 6, "merge": 3 + 6, "bench": 1, "row": 33,
                     "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
@@ -46,16 +46,16 @@ def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path)
     # one latency table; one importance job per block with activations (19) plus the dense reference; the DP
     # per cell; the DepthShrinker cells whose masks set the budgets are the grid's own (no extra search)
     assert jobs == {"train_dense": 3, "cost_table": 1, "latency_table": 1, "importance": 3 * 20, "search": 9,
-                    "depthdp": 9, "finetune": 18, "merge": 3, "bench": 3, "bench_seed_free": 1,
+                    "depthdp": 9, "finetune": 18, "merge": 3, "bench": 1,
                     "row": 21, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
 def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
     one = planned("--configfile", str(ROOT / "config" / "quick.yaml"), "--config", f"results={tmp_path}/r")
     three = planned("--config", f"results={tmp_path}/r")
-    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "merge", "row", "bench"):
+    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "merge", "row"):
         assert three[rule] == 3 * one[rule], rule
-    for rule in ("cost_table", "bench_seed_free", "summarize", "aggregate", "paired", "plots"):
+    for rule in ("cost_table", "bench", "summarize", "aggregate", "paired", "plots"):
         assert three[rule] == one[rule] == 1, rule
 
 
@@ -89,16 +89,15 @@ def test_lint_is_clean():
 
 # What a one-key change must rerun on the finished tiny grid (dense, DS block 0.5, SNL channel 0.5, uniform 0.5,
 # MetaPruning mpc 0.5: 5 cells, 1 seed). Every change ends in the summary, the aggregate, the paired table and the
-# plots. The timing jobs measure several cells at once: the seed-free job (dense, uniform, SNL channel) and the
-# seed's job (DepthShrinker, MetaPruning); a changed network reruns its job, and so the rows of all its cells.
+# plots. The timing job measures every cell at once: a changed network reruns it, and so every row.
 END = {"summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
-TIMED = {"bench": 1, "bench_seed_free": 1, "row": 5}
-SHRUNK = {"metaprune": 1, "merge": 1, **TIMED}  # MetaPruning's budget is the DepthShrinker cell's cost
+TIMED = {"bench": 1, "row": 5}
+SHRUNK = {"metaprune": 1, **TIMED}  # MetaPruning's budget is the DepthShrinker cell's cost
 RERUNS = [
     ({"stages": {"finetune": {"epochs": 2}}}, {"finetune": 2, **SHRUNK, **END}),
     ({"stages": {"search": {"epochs": 2}}}, {"search": 2, "finetune": 2, **SHRUNK, **END}),
-    ({"stages": {"uniform": {"epochs": 2}}}, {"train_uniform": 1, "merge": 1, "bench_seed_free": 1, "row": 3, **END}),
-    ({"metapruning": {"population": 3}}, {"metaprune": 1, "merge": 1, "bench": 1, "row": 2, **END}),
+    ({"stages": {"uniform": {"epochs": 2}}}, {"train_uniform": 1, "merge": 1, **TIMED, **END}),
+    ({"metapruning": {"population": 3}}, {"metaprune": 1, **TIMED, **END}),
     ({"mpc": {"runs": 2}}, {**TIMED, **END}),
     ({"bench": {"repeats": 3}}, {**TIMED, **END}),
 ]
@@ -127,8 +126,8 @@ def test_tiny_pipeline_runs_end_to_end_and_reruns_what_a_config_change_affects(m
     assert (results / "plots" / "accuracy_vs_mpc_latency.png").is_file()
     # every job left a non-empty log, and every stage's JSON names the config it answers
     cell = results / "depthshrinker/block/0.5/seed0"
-    logs = [log for log in results.rglob("logs/**/*.log")]  # one per job (22), none for `all`
-    assert len(logs) == 22 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
+    logs = [log for log in results.rglob("logs/**/*.log")]  # one per job (20), none for `all`
+    assert len(logs) == 20 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
     for name, stage in [("model.json", "finetune"), ("merge.json", "merge"), ("mpc.json", "bench-mpc"),
                         ("bench.json", "bench-device"), ("mask.json", "extract"), ("row.json", "row:depthshrinker")]:
         block = read_json(cell / name)["provenance"]

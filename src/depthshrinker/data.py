@@ -133,8 +133,11 @@ def fake(image_size: int, select_images: int, seed: int) -> Splits:
 
 
 def build_datasets(data: dict, seed: int = 0) -> Splits:
-    """The train/select/test datasets named by the ``data`` config section (``limit``: the first N of each)."""
+    """The train/select/test datasets named by the ``data`` config section (``limit``: the first N of each).
+    The split is drawn with ``data.split_seed`` (null: ``seed``), so replicates that differ only in their
+    training seed share their selection and test images and are paired image by image."""
     name, root, size, select = data["dataset"], data.get("root"), data["image_size"], data["select_images"]
+    seed = seed if data.get("split_seed") is None else data["split_seed"]
     if name in ("cifar10", "cifar100", "imagenet"):
         if not root:
             raise ConfigError(f"data.root: dataset '{name}' needs a folder")

@@ -69,9 +69,14 @@ def cell_files(name):
     return [f"{RESULTS}/{m}/{g}/{k}/seed{s}/{name}" for m, g, k in cells() for s in SEEDS]
 
 
-def reads(stage):
-    """Params function: the config sections ``stage`` reads, for this job (``row:<method>`` for a row)."""
-    return lambda wildcards: sections(for_seed(config, wildcards.get("seed")), stage.format(**dict(wildcards.items())))
+def reads(*stages):
+    """Params function: the config sections the job's ``stages`` read (``row:<method>`` for a row)."""
+
+    def params(wildcards):
+        job = for_seed(config, wildcards.get("seed"))
+        return {k: v for stage in stages for k, v in sections(job, stage.format(**dict(wildcards.items()))).items()}
+
+    return params
 
 
 def cost_table(wildcards):
@@ -119,11 +124,12 @@ def measured(name):
     return part
 
 
-def bench_job(seed_free):
-    """The inputs and outputs of a timing job: the deployed networks of the cells it measures (``measured``)."""
-    seed = SEEDS[0] if seed_free else "{seed}"
-    where = [f"{RESULTS}/{m}/{g}/{k}/seed{seed}" for m, g, k in cells() if is_seed_free(m, g) == seed_free]
-    return ([f"{w}/merged.pt" for w in where], f"{RESULTS}/dense/full/1.0/seed{seed}/merged.pt",
+def bench_job():
+    """The inputs and outputs of the timing job: the deployed network of every measured cell (``measured``: a
+    seed-free architecture once, for the first seed; the others for every seed), and the dense reference."""
+    where = [f"{RESULTS}/{m}/{g}/{k}/seed{seed}" for m, g, k in cells()
+             for seed in ([SEEDS[0]] if is_seed_free(m, g) else SEEDS)]
+    return ([f"{w}/merged.pt" for w in where], f"{RESULTS}/dense/full/1.0/seed{SEEDS[0]}/merged.pt",
             [f"{w}/bench.json" for w in where], [f"{w}/mpc.json" for w in where])
 
 
@@ -131,10 +137,6 @@ def bench_argv(w, input, output):
     """Both benchmarks in one process: device latency vs dense, then CrypTen (every network in one set of parties)."""
     return [["bench-device", "--model", *input.models, "--dense", input.dense, "--out", *output.device],
             ["bench-mpc", "--model", *input.models, "--out", *output.mpc]]
-
-
-def bench_reads(wildcards):
-    return {**reads("bench-device")(wildcards), **reads("bench-mpc")(wildcards)}
 
 
 def searched(wildcards):

@@ -1,9 +1,8 @@
 # Deployment and measurement of every cell: merge (BN folded, linear convs merged), device and MPC benchmarks;
-# and the per-unit cost tables of the platform-aware search. Timing jobs take every core the run has, so no
-# other job shares the machine while they time. One timing job per seed measures every cell whose architecture
-# depends on the seed, and one more the seed-free architectures (common.smk SEED_FREE) once: each in one process
-# and one set of CrypTen parties, so the start-up is paid once per job, not per cell (every cell still gets its
-# own bench.json and mpc.json).
+# and the per-unit cost tables of the platform-aware search. One timing job measures every cell, with every core
+# the run has, so no other job shares the machine while it times: the seed-free architectures (common.smk
+# SEED_FREE) once, the others for every seed, in one process and one set of CrypTen parties, so the start-up is
+# paid once, not per cell (every cell still gets its own bench.json and mpc.json).
 
 
 rule merge:
@@ -15,7 +14,7 @@ rule merge:
     log:
         f"{CELL}/logs/merge.log",
     wildcard_constraints:
-        method="dense|uniform|metapruning",  # the finetune job merges its own cells
+        method="dense|uniform",  # the finetune and metaprune jobs merge their own cells
     benchmark:
         f"{CELL}/benchmarks/merge.tsv"
     params:
@@ -30,36 +29,31 @@ rule merge:
         "../scripts/stage.py"
 
 
-for seed_free, name in ((True, "bench_seed_free"), (False, "bench")):
-    models, dense, device, mpc = bench_job(seed_free)
-    if not models:
-        continue
-    tag = f"seed{SEEDS[0]}-seed-free" if seed_free else "seed{seed}"
+BENCH_MODELS, BENCH_DENSE, BENCH_DEVICE, BENCH_MPC = bench_job()
 
-    rule:
-        name:
-            name
-        input:
-            models=models,
-            dense=dense,
-        output:
-            device=device,
-            mpc=mpc,
-        log:
-            f"{RESULTS}/logs/bench/{tag}.log",
-        benchmark:
-            f"{RESULTS}/benchmarks/bench/{tag}.tsv"
-        params:
-            config=bench_reads,
-            argv=bench_argv,
-        threads: all_cores
-        resources:
-            gpu=1,
-            **resources("bench"),
-        conda:
-            ENV
-        script:
-            "../scripts/stage.py"
+
+rule bench:
+    input:
+        models=BENCH_MODELS,
+        dense=BENCH_DENSE,
+    output:
+        device=BENCH_DEVICE,
+        mpc=BENCH_MPC,
+    log:
+        f"{RESULTS}/logs/bench.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/bench.tsv"
+    params:
+        config=reads("bench-device", "bench-mpc"),
+        argv=bench_argv,
+    threads: all_cores
+    resources:
+        gpu=1,
+        **resources("bench"),
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
 
 
 rule cost_table:

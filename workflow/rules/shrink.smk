@@ -52,8 +52,8 @@ rule finetune:
     benchmark:
         f"{CELL}/benchmarks/finetune.tsv"
     params:
-        config=reads("finetune"),
-        # finetune, then merge the result, in one job (the merge reads no config key the finetune does not)
+        config=reads("finetune", "merge"),
+        # finetune, then merge the result, in one job (one process start-up)
         argv=lambda w, input, output: [
             ["finetune", "--dense", input.dense, "--mask", input.mask, "--out", output.model],
             ["merge", "--checkpoint", output.model, "--out", output.merged, "--report", output.report],

@@ -53,14 +53,20 @@ rule metaprune:
     output:
         model=f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/model.pt",
         metrics=f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/model.json",
+        merged=f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/merged.pt",
+        report=f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/merge.json",
     log:
         f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/logs/metaprune.log",
     benchmark:
         f"{RESULTS}/metapruning/{{granularity}}/{{keep}}/seed{{seed}}/benchmarks/metaprune.tsv"
     params:
-        config=reads("metaprune"),
-        argv=lambda w, input, output: ["metaprune", "--dense", input.dense, "--cost", w.granularity,
-                                       "--match", input.match, "--out", output.model],
+        config=reads("metaprune", "merge"),
+        # the search for the winner, its training, then its merge, in one job (one process start-up)
+        argv=lambda w, input, output: [
+            ["metaprune", "--dense", input.dense, "--cost", w.granularity, "--match", input.match, "--out",
+             output.model],
+            ["merge", "--checkpoint", output.model, "--out", output.merged, "--report", output.report],
+        ],
     threads: config["threads"]
     resources:
         gpu=GPU,
