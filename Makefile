@@ -24,6 +24,7 @@ results: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/snakemake --lint
+	$(BIN)/lint-imports
 	CI=$${CI:-true} $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

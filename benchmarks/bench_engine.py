@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from depthshrinker.bench import quartiles
-from depthshrinker.config import validate
-from depthshrinker.data import build_loaders
-from depthshrinker.models import create_model
+from depthshrinker.base.config import validate
+from depthshrinker.base.data import build_loaders
+from depthshrinker.base.timing import quartiles
+from depthshrinker.nets.registry import create_model
 from depthshrinker.train import Recipe, device, fit
 
 

@@ -5,19 +5,25 @@ median (and interquartile range) over repeats of the per-repeat ratio to the den
 repeat, so that machine-wide slowdowns cancel.
 
     python benchmarks/bench_merge.py --repeats 5 --threads 1 --batch 1 32     # CPU
+    python benchmarks/bench_merge.py --repeats 7 --threads 1 --batch 1 --onnxruntime   # + ONNX Runtime sessions
     python benchmarks/bench_merge.py --gpu                                    # batch 128, 50 warm-up, 30 timed
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+
 import torch
 
-from depthshrinker.bench import quartiles, time_interleaved
-from depthshrinker.counting import macs
-from depthshrinker.gates import apply_keep
-from depthshrinker.merge import PATTERNS, conv_layers, merge_plain
-from depthshrinker.models import activation_units, create_model
-from depthshrinker.plain import to_plain
+from depthshrinker.base.timing import quartiles, time_interleaved
+from depthshrinker.deploy.device import onnx_runtime
+from depthshrinker.deploy.merge import PATTERNS, conv_layers, merge_plain
+from depthshrinker.deploy.plan import apply_keep
+from depthshrinker.nets.counting import macs
+from depthshrinker.nets.plain import to_plain
+from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
 
 
 def networks(arch: str) -> dict[str, torch.nn.Module]:
@@ -40,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="calls per network before timing (CPU)")
     parser.add_argument("--iters", type=int, default=0, help="calls per sample (default: 32 // batch, at least 1)")
     parser.add_argument("--gpu", action="store_true", help="CUDA fp32, batch 128, 50 warm-up, 30 timed calls")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="also time dense and every merged network as ONNX Runtime CPU sessions ('ORT' rows, "
+                             "'× dense' against dense's session)")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: CUDA is not available")
@@ -49,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     nets = networks(args.arch)
     costs = {name: (macs(net, args.input_size) / 1e6, conv_layers(net)) for name, net in nets.items()}
     nets = {name: net.to(device) for name, net in nets.items()}
+    folder = tempfile.TemporaryDirectory()
+    if args.onnxruntime and not args.gpu:
+        for name in [n for n in nets if n == "dense" or n.endswith("merged")]:
+            costs[f"{name} ORT"] = costs[name]
+            nets[f"{name} ORT"] = onnx_runtime(nets[name], Path(folder.name) / name.replace(" ", "_"),
+                                               args.input_size)
     header = "| network | MMACs | convs |" + "".join(
         f" b{b} ms (IQR) | b{b} × dense (IQR) |" for b in batches)
     print(f"{args.arch} {args.input_size}x{args.input_size}, {device}, threads={args.threads}, "
@@ -60,12 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         times = time_interleaved(nets, x, args.repeats, warmup, iters)
         for name in nets:
             ms, ms_iqr = quartiles([t * 1e3 for t in times[name]])
-            ratio, ratio_iqr = quartiles([d / t for d, t in zip(times["dense"], times[name])])
+            reference = "dense ORT" if name.endswith(" ORT") else "dense"
+            ratio, ratio_iqr = quartiles([d / t for d, t in zip(times[reference], times[name])])
             extra = f", {batch / ms * 1e3:.0f} img/s" if args.gpu else ""
             cells[name] += [f"{ms:.1f} ({ms_iqr:.1f}){extra}", f"{ratio:.2f} ({ratio_iqr:.2f})"]
     for name in nets:
         print(f"| {name} | {costs[name][0]:.1f} | {costs[name][1]} | " + " | ".join(cells[name]) + " |")
-    print("\n'× dense' = dense latency / network latency in the same repeat (>1: faster than dense).")
+    print("\n'× dense' = dense latency / network latency in the same repeat (>1: faster than dense); ORT rows: "
+          "against dense's ONNX Runtime session.")
+    folder.cleanup()
 
 
 if __name__ == "__main__":

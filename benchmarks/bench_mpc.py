@@ -1,5 +1,5 @@
 """CrypTen two-party latency of dense vs DepthShrinker-style activation-removed MobileNetV2 (and merged, when
-``depthshrinker.merge`` is importable), interleaved in one set of processes (model owner, client, dealer).
+``depthshrinker.deploy.merge`` is importable), interleaved in one set of processes (model owner, client, dealer).
 Online (party-to-party) and preprocessing (dealer) phases are timed and counted separately; ``--provider tfp``
 (or ``both``) adds CrypTen's trusted-first-party mode, a cost simulation in which the owner deals.
 
@@ -31,10 +31,13 @@ import sys
 import numpy as np
 import torch
 
-from depthshrinker.gates import apply_keep, num_kept
-from depthshrinker.models import activation_units, create_model
-from depthshrinker.mpc import PROVIDERS, cost, measure_many
-from depthshrinker.plain import PlainNet, to_plain
+from depthshrinker.deploy.mpc import cost
+from depthshrinker.deploy.mpc.engine import PROVIDERS, measure_many
+from depthshrinker.deploy.plan import apply_keep
+from depthshrinker.nets.gates import num_kept
+from depthshrinker.nets.plain import PlainNet, to_plain
+from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
 
 UPSTREAM_04 = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
 
@@ -60,7 +63,7 @@ def networks(input_size: int, keep_ratio: float) -> dict[str, PlainNet]:
     nets = {"dense": dense}
     keeps = {"upstream": UPSTREAM_04, "mpc": mpc_aware_keep(dense, input_size, keep_ratio)}
     try:
-        from depthshrinker.merge import merge_plain
+        from depthshrinker.deploy.merge import merge_plain
     except ImportError:
         merge_plain = None
     for name, keep in keeps.items():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import settings
 
-from depthshrinker.config import load_config
-from depthshrinker.models import create_model
+from depthshrinker.base.config import load_config
+from depthshrinker.nets.registry import create_model
 
 TEST_CONFIG = Path(__file__).resolve().parents[1] / "config" / "test.yaml"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from depthshrinker.config import ConfigError, load_config, validate
+from depthshrinker.base.config import ConfigError, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from depthshrinker.config import validate
-from depthshrinker.data import build_datasets, build_loaders, carve
+from depthshrinker.base.config import validate
+from depthshrinker.base.data import build_datasets, build_loaders, carve
 
 
 def test_carve_is_disjoint_covering_and_seeded():

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from depthshrinker.data import build_loaders
-from depthshrinker.config import validate
+from depthshrinker.base.config import validate
+from depthshrinker.base.data import build_loaders
 from depthshrinker.train import Recipe, fit
 
 CONFIG = validate({"data": {"image_size": 16, "batch_size": 16, "eval_batch_size": 64, "limit": 256}})

@@ -13,21 +13,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from depthshrinker import depthdp
-from depthshrinker.baselines import train_dense
-from depthshrinker.checkpoint import load, load_model, save
-from depthshrinker.jsonio import read_json, write_json
-from depthshrinker.config import ConfigError, load_config
-from depthshrinker.counting import nonlinear
-from depthshrinker.data import build_datasets
-from depthshrinker.finetune import finetune, mask_spec, read_mask
-from depthshrinker.gates import apply_keep, apply_mask_spec, num_kept
-from depthshrinker.models import activation_units, create_model
-from depthshrinker.mpc import cost as mpc_cost
-from depthshrinker.plain import to_plain
-from depthshrinker.plan import merge_policy
-from depthshrinker.pruning import scorer
-from depthshrinker.tables import block_inputs, shrunk
+from depthshrinker.base.checkpoint import load, save
+from depthshrinker.base.config import ConfigError, load_config
+from depthshrinker.base.data import build_datasets
+from depthshrinker.base.jsonio import read_json, write_json
+from depthshrinker.deploy.load import load_model
+from depthshrinker.deploy.mpc import cost as mpc_cost
+from depthshrinker.deploy.plan import apply_keep, apply_mask_spec, merge_policy
+from depthshrinker.deploy.tables import block_inputs, shrunk
+from depthshrinker.methods import depthdp
+from depthshrinker.methods.baselines import train_dense
+from depthshrinker.methods.finetune import finetune, mask_spec, read_mask
+from depthshrinker.methods.pruning import scorer
+from depthshrinker.nets.counting import nonlinear
+from depthshrinker.nets.gates import num_kept
+from depthshrinker.nets.plain import to_plain
+from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
 
 TEST_CONFIG = Path(__file__).resolve().parents[1] / "config" / "test.yaml"
 TOL = 1e-9  # solve's documented relative (and absolute) slack on the budget

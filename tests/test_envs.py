@@ -1,8 +1,8 @@
 """The conda environment the rules declare lists what pyproject.toml and the Makefile install, with the same bounds."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

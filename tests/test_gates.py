@@ -3,18 +3,20 @@ with its merge plan (pad-first only where the plan merges)."""
 import json
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
-from depthshrinker.checkpoint import build
-from depthshrinker.counting import macs
-from depthshrinker.gates import (GatedAct, TopKGates, apply_keep, apply_mask_spec, install_topk_gates,
-                                 keep_from_scores, num_kept)
-from depthshrinker.merge import merge_plain
-from depthshrinker.models import activation_units, create_model
-from depthshrinker.mpc.cost import count
-from depthshrinker.plain import to_plain
+from depthshrinker.deploy.load import build
+from depthshrinker.deploy.merge import merge_plain
+from depthshrinker.deploy.mpc.cost import count
+from depthshrinker.deploy.plan import apply_keep, apply_mask_spec
+from depthshrinker.nets.counting import macs
+from depthshrinker.nets.gates import GatedAct, TopKGates, install_topk_gates, keep_from_scores, num_kept
+from depthshrinker.nets.plain import to_plain
+from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
 
 
 @given(L=st.integers(1, 60), ratio=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))

@@ -4,19 +4,31 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from depthshrinker import checkpoint
-from depthshrinker.config import ConfigError, validate
-from depthshrinker.counting import macs
-from depthshrinker.data import build_datasets
-from depthshrinker.gates import apply_keep, apply_mask_spec
-from depthshrinker.merge import (PATTERNS, Conv, candidate_segments, compose, conv_layers, export_onnx,
-                                 merge_checkpoint, merge_pattern, merge_plain, onnx_max_abs_err)
-from depthshrinker.models import activation_units, create_model, offline_weights_path
-from depthshrinker.mpc import cost as mpc_cost
-from depthshrinker.plain import PlainNet, to_plain
-from depthshrinker.plan import merge_policy, plan_merges
+from depthshrinker.base import checkpoint
+from depthshrinker.base.config import ConfigError, validate
+from depthshrinker.base.data import build_datasets
+from depthshrinker.deploy import load
+from depthshrinker.deploy.merge import (
+    PATTERNS,
+    Conv,
+    candidate_segments,
+    compose,
+    conv_layers,
+    export_onnx,
+    merge_checkpoint,
+    merge_pattern,
+    merge_plain,
+    onnx_max_abs_err,
+)
+from depthshrinker.deploy.mpc import cost as mpc_cost
+from depthshrinker.deploy.plan import apply_keep, apply_mask_spec, merge_policy, plan_merges
+from depthshrinker.nets.counting import macs
+from depthshrinker.nets.plain import PlainNet, to_plain
+from depthshrinker.nets.registry import create_model, offline_weights_path
+from depthshrinker.nets.units import activation_units
 
 # Reproducible property tests in CI (derandomized: the same examples on every run), exploring locally.
 # (Belongs in tests/conftest.py once the lead moves it there; loaded here so this file runs alone.)
@@ -102,7 +114,7 @@ def test_merged_equals_unmerged_on_random_blocks(first, rest, seed, merge_all, m
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     assert_close(merged(x), net(x))
     assert conv_layers(merged) <= conv_layers(net)
-    rebuilt = checkpoint.build(json.loads(json.dumps(merged.spec)))
+    rebuilt = load.build(json.loads(json.dumps(merged.spec)))
     rebuilt.load_state_dict(merged.state_dict())
     assert torch.equal(rebuilt.eval()(x), merged(x))
 
@@ -252,7 +264,7 @@ def test_merge_checkpoint_round_trip_and_onnx(tmp_path, mbv2):
     assert report["merge_policy"] == "macs" and report["merge_plan"]["plan"][2] == [[0, 1, 2]]
     raw = torch.load(tmp_path / "merged.pt", weights_only=True)
     assert json.loads(raw["spec"])["kind"] == "plain"
-    merged, _ = checkpoint.load_model(tmp_path / "merged.pt")
+    merged, _ = load.load_model(tmp_path / "merged.pt")
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert_close(merged(x), mbv2(x))
@@ -263,7 +275,7 @@ def test_merge_checkpoint_round_trip_and_onnx(tmp_path, mbv2):
 def test_merge_error_is_measured_on_held_out_images(tmp_path, mbv2, monkeypatch):
     """The check runs on the first images of the test split, and reports the features' relative error, which
     sees a wrong merge that the logits may hide."""
-    import depthshrinker.merge as merge_module
+    import depthshrinker.deploy.merge as merge_module
 
     config = validate({"data": {"image_size": 32}})
     test = build_datasets(config["data"], config["seed"]).test
@@ -305,7 +317,7 @@ def test_mpc_policy_merges_the_depthwise_separable_block_and_the_plan_is_decided
     assert report["merge_plan"]["policy"] == plans["mpc"]["policy"]
     assert report["merge_max_abs_err"] <= 1e-3 * (1 + report["max_abs_logit"])
     dense = mpc_cost.count(to_plain(mbv2), 32)
-    merged = mpc_cost.count(checkpoint.load_model(tmp_path / "merged.pt")[0], 32)
+    merged = mpc_cost.count(load.load_model(tmp_path / "merged.pt")[0], 32)
     assert (dense.bytes - merged.bytes, dense.rounds - merged.rounds) == (30_872_064, 10)
 
 

@@ -4,13 +4,15 @@ import importlib.util
 import pytest
 import torch
 
-from depthshrinker.config import ConfigError
-from depthshrinker.counting import nonlinear, profile
-from depthshrinker.gates import activation_shapes, apply_keep, apply_masks, num_kept
-from depthshrinker.merge import candidate_segments, conv_layers, merge_plain
-from depthshrinker.models import activation_units, create_model, offline_weights_path
-from depthshrinker.mpc.cost import count
-from depthshrinker.plain import to_plain
+from depthshrinker.base.config import ConfigError
+from depthshrinker.deploy.merge import candidate_segments, conv_layers, merge_plain
+from depthshrinker.deploy.mpc.cost import count
+from depthshrinker.deploy.plan import apply_keep
+from depthshrinker.nets.counting import nonlinear, profile
+from depthshrinker.nets.gates import activation_shapes, apply_masks, num_kept
+from depthshrinker.nets.plain import to_plain
+from depthshrinker.nets.registry import create_model, offline_weights_path
+from depthshrinker.nets.units import activation_units
 
 
 @pytest.mark.parametrize("arch,block,layer", [("mobilenetv2_100", 19, 35), ("mobilenetv2_140", 19, 35),
@@ -128,7 +130,7 @@ def test_empty_snl_layers_are_linear_everywhere():
 @pytest.mark.skipif(importlib.util.find_spec("crypten") is None, reason="CrypTen not installed")
 def test_empty_snl_layers_cost_nothing_under_crypten():
     """At 8x8 the same masks empty more layers; CrypTen's measured bytes and rounds equal the one count."""
-    from depthshrinker.mpc import measure
+    from depthshrinker.deploy.mpc.engine import measure
 
     model = pixel_masked(8, 0.4)
     layers, _, rounds, bytes_, merged = one_count(model, 8)

@@ -15,15 +15,17 @@ import psutil
 import pytest
 import torch
 
-from depthshrinker import checkpoint
-from depthshrinker.counting import nonlinear
-from depthshrinker.gates import apply_keep
-from depthshrinker.models import activation_units, create_model
-from depthshrinker.mpc import MPCError, Network, bench_mpc, block_cost, count, estimate, import_crypten, measure, \
-    measure_many, preproc_latency, unit_table
-from depthshrinker.mpc import compat, engine
-from depthshrinker.mpc.cost import merged_conv
-from depthshrinker.plain import PlainNet, to_plain
+from depthshrinker.base import checkpoint
+from depthshrinker.deploy import load
+from depthshrinker.deploy.mpc import compat, engine
+from depthshrinker.deploy.mpc.compat import MPCError, import_crypten
+from depthshrinker.deploy.mpc.cost import Network, block_cost, count, estimate, merged_conv, preproc_latency, unit_table
+from depthshrinker.deploy.mpc.engine import bench_mpc, measure, measure_many
+from depthshrinker.deploy.plan import apply_keep
+from depthshrinker.nets.counting import nonlinear
+from depthshrinker.nets.plain import PlainNet, to_plain
+from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
 
 needs_crypten = pytest.mark.skipif(importlib.util.find_spec("crypten") is None, reason="CrypTen not installed")
 SIZE = 8  # 8x8 keeps a CrypTen MobileNetV2 inference at ~1 s; bytes and rounds are exact at any size
@@ -56,7 +58,7 @@ def mobilenet(keep):
 
 def snl_mobilenet(granularity="channel"):
     """MobileNetV2 with random SNL masks (about half kept) on every activation layer."""
-    from depthshrinker.gates import SNL_SHAPES, activation_shapes, apply_masks
+    from depthshrinker.nets.gates import SNL_SHAPES, activation_shapes, apply_masks
 
     model = create_model("mobilenetv2_100", 10, small_input=True).eval()
     paths = [p for u in activation_units(model, "layer") for p in u.acts]
@@ -73,7 +75,7 @@ def test_snl_masks_survive_to_plain_and_count_only_kept_elements():
     assert torch.allclose(model(x), net(x), atol=1e-4)
     counts = nonlinear(model, SIZE)
     assert count(net, SIZE).relu6 == nonlinear(net, SIZE)["relu6_elements"] == counts["relu6_elements"]
-    rebuilt = checkpoint.build(net.spec)
+    rebuilt = load.build(net.spec)
     rebuilt.load_state_dict(net.state_dict())
     assert torch.equal(rebuilt(x), net(x))
 
@@ -323,7 +325,7 @@ def test_parallel_runs_do_not_collide():
 @needs_crypten
 @pytest.mark.slow
 def test_processes_exit_when_the_caller_is_killed():
-    script = ("from depthshrinker.mpc import measure; from depthshrinker.plain import PlainNet; "
+    script = ("from depthshrinker.deploy.mpc.engine import measure; from depthshrinker.nets.plain import PlainNet; "
               f"measure(PlainNet({tiny().spec!r}), {SIZE}, runs=100_000)")
     caller = subprocess.Popen([sys.executable, "-c", script])
     try:

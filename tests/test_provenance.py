@@ -1,10 +1,10 @@
 """Provenance: which config sections each stage reads, their hash, and the stamp the CLI puts in a stage's JSON."""
 import pytest
 
-from depthshrinker.jsonio import read_json, write_json
+from depthshrinker.base.config import ConfigError, deep_merge, for_seed, validate
+from depthshrinker.base.jsonio import read_json, write_json
+from depthshrinker.base.provenance import CHAINS, READS, config_hash, provenance, reads, search_stage, sections
 from depthshrinker.cli import stamp
-from depthshrinker.config import ConfigError, deep_merge, for_seed, validate
-from depthshrinker.provenance import CHAINS, READS, config_hash, provenance, reads, sections
 
 CONFIG = validate({})
 
@@ -17,6 +17,24 @@ def test_a_stage_hash_changes_exactly_when_a_key_it_reads_changes():
     bench = sections(CONFIG, "bench-mpc")
     assert config_hash(sections(deep_merge(CONFIG, {"mpc": {"runs": 9}}), "bench-mpc")) != config_hash(bench)
     assert config_hash(sections(for_seed(CONFIG, 3), "bench-mpc")) == config_hash(bench)  # architecture only
+
+
+def same_hash(stage: str, change: dict) -> bool:
+    return config_hash(sections(deep_merge(CONFIG, change), stage)) == config_hash(sections(CONFIG, stage))
+
+
+def test_only_the_stages_that_use_a_key_rerun_when_it_changes():
+    """`model.free_act` shapes only a stage-2 network: the teacher and the searches keep their results; the
+    distillation recipe reruns SNL's element search (which distils) but no other search."""
+    free_act = {"model": {"free_act": "relu6"}}
+    for stage in ("train-dense", "train-uniform", "metaprune", "search"):
+        assert same_hash(stage, free_act), stage
+    for stage in ("finetune", "merge", "cost-table"):
+        assert not same_hash(stage, free_act), stage
+    distill = {"stages": {"distill": {"alpha": 0.5}}}
+    assert search_stage("depthshrinker", "block") == search_stage("snl", "channel") == "search"
+    assert same_hash("search", distill) and not same_hash(search_stage("snl", "element"), distill)
+    assert not same_hash("train-dense", {"model": {"arch": "mobilenetv2_140"}})
 
 
 def test_every_read_key_exists_in_the_schema_defaults():

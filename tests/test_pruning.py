@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from depthshrinker import pruning
-from depthshrinker.checkpoint import load, load_model, save
-from depthshrinker.config import ConfigError, validate
-from depthshrinker.counting import macs
-from depthshrinker.models import create_model
-from depthshrinker.plain import to_plain
-from depthshrinker.pruning import SearchConfig, fit_budget, kept_channels, prune, pruned_spec, search, stages
+from depthshrinker.base.checkpoint import load, save
+from depthshrinker.base.config import ConfigError, validate
+from depthshrinker.deploy.load import load_model
+from depthshrinker.methods import pruning
+from depthshrinker.methods.pruning import SearchConfig, fit_budget, search
+from depthshrinker.nets.counting import macs, params
+from depthshrinker.nets.cut import dense_convs, kept_channels, prune, pruned_spec, stages
+from depthshrinker.nets.plain import to_plain
+from depthshrinker.nets.registry import create_model
 from depthshrinker.train import evaluate
 
 BASE = {"kind": "timm", "arch": "mobilenetv2_100", "num_classes": 10, "small_input": True}
@@ -38,7 +40,7 @@ def test_prune_cuts_coupled_channels_to_multiples_of_8(mbv2):
     assert mbv2.blocks[5][0].conv_pw.out_channels == kept_channels(0.2, 576) == 120
     assert mbv2.classifier.in_features == mbv2.conv_head.out_channels == 384
     assert mbv2.blocks[5][1].conv_pw.out_channels == 960 and mbv2.classifier.out_features == 10
-    assert all(c.out_channels % 8 == 0 for c in pruning._dense_convs(mbv2).values())
+    assert all(c.out_channels % 8 == 0 for c in dense_convs(mbv2).values())
     assert mbv2(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ConfigError, match="stage9"):
         prune(mbv2, {"stage9": 0.5})
@@ -114,8 +116,8 @@ def test_search_is_reproducible_and_returns_the_best_it_saw(mbv2):
     assert history == again
     assert history[0]["genes"] == [1.0] * len(stages(mbv2)) and {r["generation"] for r in history} == {0, 1}
     assert best == max(history, key=lambda r: (r["top1"], -r["loss"]))
-    budget = 0.4 * pruning.params(mbv2)
-    assert all(r["cost"] <= budget for r in history) and pruning.params(best_model) == best["cost"]
+    budget = 0.4 * params(mbv2)
+    assert all(r["cost"] <= budget for r in history) and params(best_model) == best["cost"]
 
 
 def test_infeasible_budget_is_a_config_error(mbv2, tmp_path):
@@ -129,7 +131,7 @@ def test_infeasible_budget_is_a_config_error(mbv2, tmp_path):
 
 def _constant_splits(n: int, train: int, select: int):
     """Splits of random 3x4x4 images whose labels are constant per split: ``train``, ``select``, and 2 (test)."""
-    from depthshrinker.data import Splits
+    from depthshrinker.base.data import Splits
 
     def images(label):
         return torch.utils.data.TensorDataset(torch.randn(n, 3, 4, 4), torch.full((n,), label))
@@ -170,8 +172,8 @@ def test_adaptation_trains_a_copy_on_training_batches():
 
 
 def test_mpc_cost_is_crypten_bytes_and_rounds_without_compute(mbv2):
-    from depthshrinker.mpc.cost import NETWORKS, count
-    from depthshrinker.mpc.engine import as_plain
+    from depthshrinker.deploy.mpc.cost import NETWORKS, count
+    from depthshrinker.deploy.mpc.engine import as_plain
 
     cost = pruning.COSTS["mpc"](validate({"data": {"image_size": 16}, "mpc": {"network": "wan"}}))(mbv2)
     counts, wan = count(as_plain(mbv2), 16), NETWORKS["wan"]
@@ -183,7 +185,7 @@ def test_mpc_cost_is_crypten_bytes_and_rounds_without_compute(mbv2):
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [0.5, 0.01])
 def test_metaprune_end_to_end(micro_config, tmp_path, budget):
-    from depthshrinker.baselines import train_dense
+    from depthshrinker.methods.baselines import train_dense
 
     train_dense(micro_config, tmp_path / "dense.pt")
     config = {**micro_config, "metapruning": {"population": 3, "generations": 2, "holdout_images": 32,

@@ -4,13 +4,27 @@ import math
 import pandas as pd
 import pytest
 
-from depthshrinker.jsonio import write_json
+from depthshrinker.base.config import ConfigError
+from depthshrinker.base.jsonio import write_json
+from depthshrinker.base.stats import wilson
 from depthshrinker.cli import main
-from depthshrinker.config import ConfigError
-from depthshrinker.report import (COLUMNS, END, START, CountMismatch, aggregate, by_cell, cell_row, compare,
-                                  compare_wide,
-                                  iqr_column, render_table, rerun_check, summarize, table, verdict)
-from depthshrinker.stats import wilson
+from depthshrinker.report import (
+    COLUMNS,
+    END,
+    START,
+    CountMismatch,
+    aggregate,
+    by_cell,
+    cell_row,
+    compare,
+    compare_wide,
+    iqr_column,
+    render_table,
+    rerun_check,
+    summarize,
+    table,
+    verdict,
+)
 
 T2 = 4.302653  # Student t 97.5 % quantile, 2 degrees of freedom
 WILSON_350_359 = (95.3049, 98.6756)  # tests/test_stats.py, in %
@@ -243,11 +257,15 @@ def test_rerun_check_counts_the_cells_inside_the_reference_intervals(tmp_path):
     rerun.loc[ds, "top1_mean"] = 99.7  # outside
     rerun.to_csv(tmp_path / "rerun.csv", index=False)
     text = rerun_check(tmp_path / "ref.csv", tmp_path / "rerun.csv")
-    assert "| depthshrinker block 0.4 | top1 | 97 [94.52, 99.48] | 99.7 | **no** |" in text
-    assert text.endswith("0 of 1 inside.\n")  # dense has no interval without its held-out count
-    rerun.loc[ds, "top1_mean"] = 96.0
-    rerun.to_csv(tmp_path / "rerun.csv", index=False)
-    assert rerun_check(tmp_path / "ref.csv", tmp_path / "rerun.csv").endswith("1 of 1 inside.\n")
+    # s = 1: the prediction interval of a 3-seed rerun's mean is 97 ± t(2)·√(1/3 + 1/3) = ± 3.51
+    assert "| depthshrinker block 0.4 | top1 | 97 [94.52, 99.48] | 99.7 | **no** | [93.49, 100.5] | yes |" in text
+    # dense has no interval without its held-out count
+    assert text.endswith("0 of 1 inside the confidence interval, 1 of 1 inside the prediction interval.\n")
+    for top1, counts in ((96.0, (1, 1)), (101.0, (0, 0))):
+        rerun.loc[ds, "top1_mean"] = top1
+        rerun.to_csv(tmp_path / "rerun.csv", index=False)
+        assert rerun_check(tmp_path / "ref.csv", tmp_path / "rerun.csv").endswith(
+            f"{counts[0]} of 1 inside the confidence interval, {counts[1]} of 1 inside the prediction interval.\n")
 
 
 def test_compare_wide_puts_one_pair_and_keep_per_line_with_bold_where_the_interval_excludes_0(tmp_path):

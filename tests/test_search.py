@@ -6,13 +6,14 @@ import re
 import pytest
 import torch
 
-from depthshrinker.baselines import train_dense
-from depthshrinker.checkpoint import load, save
-from depthshrinker.config import validate
-from depthshrinker.finetune import finetune
-from depthshrinker.gates import install_topk_gates
-from depthshrinker.models import activation_units, create_model, offline_weights_path
-from depthshrinker.search import Settling, extract, hard_decisions, latency_regularizer, search
+from depthshrinker.base.checkpoint import load, save
+from depthshrinker.base.config import validate
+from depthshrinker.methods.baselines import train_dense
+from depthshrinker.methods.finetune import finetune
+from depthshrinker.methods.search import Settling, extract, hard_decisions, latency_regularizer, search
+from depthshrinker.nets.gates import install_topk_gates
+from depthshrinker.nets.registry import create_model, offline_weights_path
+from depthshrinker.nets.units import activation_units
 
 
 def _search_ckpt(tmp_path, scores):
@@ -91,7 +92,7 @@ def test_search_then_finetune_end_to_end(micro_config, tmp_path):
      r"layers\[0\] without 'bits'"),
 ])
 def test_a_malformed_mask_stops_with_one_line_naming_the_file(tmp_path, capsys, content, message):
-    from depthshrinker.jsonio import write_json
+    from depthshrinker.base.jsonio import write_json
     from depthshrinker.cli import main
 
     write_json(tmp_path / "bad.json", content)

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from depthshrinker.baselines import train_dense
-from depthshrinker.bits import decode_bits
-from depthshrinker.checkpoint import load, load_model
-from depthshrinker.counting import nonlinear
-from depthshrinker.finetune import finetune
-from depthshrinker.gates import SNLBudget, SoftMaskAct
-from depthshrinker.search import extract, land_on_budget, search
+from depthshrinker.base.bits import decode_bits
+from depthshrinker.base.checkpoint import load
+from depthshrinker.deploy.load import load_model
+from depthshrinker.methods.baselines import train_dense
+from depthshrinker.methods.finetune import finetune
+from depthshrinker.methods.search import extract, land_on_budget, search
+from depthshrinker.nets.counting import nonlinear
+from depthshrinker.nets.gates import SNLBudget, SoftMaskAct
 from depthshrinker.train import Recipe, fit
 
 # SNL element on 128 digits at 16x16 (8 steps per epoch): a large λ₀ and mask lr reach the budget in 2 epochs.
@@ -21,7 +22,7 @@ FAST_SNL = {"snl_lambda": 0.1, "snl_mask_lr": 0.1, "snl_warmup": 0, "snl_epochs"
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory, request):
-    from depthshrinker.config import validate
+    from depthshrinker.base.config import validate
 
     tmp = tmp_path_factory.mktemp("dense")
     cfg = validate({"data": {"image_size": 16, "batch_size": 16, "eval_batch_size": 64, "limit": 128},

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from depthshrinker.stats import t_interval, wilson
+from depthshrinker.base.stats import prediction_interval, t_interval, wilson
 
 Z = 1.959964  # standard normal 97.5 % quantile
 T2 = 4.302653  # Student t 97.5 % quantile, 2 degrees of freedom
@@ -39,3 +39,12 @@ def test_bad_inputs_are_refused():
         wilson(0, 0)
     with pytest.raises(ValueError):
         t_interval([1.0])
+
+
+def test_prediction_interval_is_wider_than_the_confidence_interval_by_sqrt_1_plus_n_over_m():
+    lo, hi = t_interval([2.0, 3.0, 4.0])
+    plo, phi = prediction_interval(3.0, 1.0, 3, 3)
+    assert (phi - plo) == pytest.approx((hi - lo) * math.sqrt(2)) and (plo + phi) / 2 == 3.0
+    assert prediction_interval(3.0, 1.0, 3, 10**9) == pytest.approx((lo, hi), rel=1e-6)  # a huge rerun: its true mean
+    with pytest.raises(ValueError):
+        prediction_interval(3.0, 1.0, 1, 3)

@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from depthshrinker.bench import bench_device, cpu_latency, quartiles
-from depthshrinker.checkpoint import save
-from depthshrinker.config import validate
-from depthshrinker.models import create_model
-from depthshrinker.gates import apply_mask_spec
-from depthshrinker.merge import merge_plain
-from depthshrinker.mpc import count, unit_table
-from depthshrinker.plain import to_plain
-from depthshrinker.plan import merge_policy
-from depthshrinker.search import read_cost_table
-from depthshrinker.tables import cost_table
+from depthshrinker.base.checkpoint import save
+from depthshrinker.base.config import validate
+from depthshrinker.base.timing import quartiles
+from depthshrinker.deploy.device import bench_device, cpu_latency, onnx_runtime
+from depthshrinker.deploy.merge import merge_plain
+from depthshrinker.deploy.mpc.cost import count, unit_table
+from depthshrinker.deploy.plan import apply_mask_spec, merge_policy
+from depthshrinker.deploy.tables import cost_table
+from depthshrinker.methods.search import read_cost_table
+from depthshrinker.nets.plain import to_plain
+from depthshrinker.nets.registry import create_model
 
 
 def _rows(path):
@@ -79,8 +79,18 @@ def test_layer_table_has_one_row_per_activation_and_cpu_is_measured(tmp_path):
 def test_cpu_latency_reports_ratios_to_the_reference():
     net = to_plain(create_model("mobilenetv2_100", 10, True).eval())
     out = cpu_latency({"a": net, "b": net}, 16, "a", repeats=3, iters=1)
-    assert out["a"]["cpu_speedup"] == 1.0 and out["b"]["cpu_latency_ms"] > 0
+    assert out["a"]["cpu_speedup"] == 1.0 and out["b"]["cpu_latency_ms"] > 0 and "ort_cpu_speedup" not in out["a"]
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (3.0, 2.0)
+    out = cpu_latency({"a": net, "b": net}, 16, "a", repeats=3, iters=1, onnxruntime=True)
+    assert out["a"]["ort_cpu_speedup"] == 1.0 and out["b"]["ort_cpu_latency_ms"] > 0 and out["b"]["ort_over_eager"] > 0
+
+
+@torch.no_grad()
+def test_the_onnx_runtime_session_serves_the_same_network(tmp_path):
+    net = to_plain(create_model("mobilenetv2_100", 10, True).eval())
+    x = torch.randn(2, 3, 16, 16)
+    (logits,) = onnx_runtime(net, tmp_path, 16)(x)
+    assert torch.allclose(torch.from_numpy(logits), net(x), atol=1e-4)
 
 
 def test_bench_device_stage_writes_json(tmp_path):
@@ -92,5 +102,5 @@ def test_bench_device_stage_writes_json(tmp_path):
     assert len(rows) == 2 and json.loads((tmp_path / "c.json").read_text()) == rows[1]
     row = json.loads((tmp_path / "b.json").read_text())
     assert row == rows[0] and row["timed_with"] == 2
-    assert row["cpu_latency_ms"] > 0
+    assert row["cpu_latency_ms"] > 0 and row["ort_cpu_latency_ms"] > 0 and row["ort_cpu_speedup"] > 0
     assert (row["gpu_throughput_img_s"] is None) == (not torch.cuda.is_available())

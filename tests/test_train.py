@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from depthshrinker.baselines import train_dense
-from depthshrinker.checkpoint import load
-from depthshrinker.gates import install_topk_gates
-from depthshrinker.models import activation_units
+from depthshrinker.base.checkpoint import load
+from depthshrinker.methods.baselines import train_dense
+from depthshrinker.nets.gates import install_topk_gates
+from depthshrinker.nets.units import activation_units
 from depthshrinker.train import Recipe, cosine_lambda, distill_loss, param_groups
 
 

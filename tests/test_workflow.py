@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from depthshrinker.jsonio import read_json
+from depthshrinker.base.jsonio import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -34,10 +34,10 @@ def planned(*args) -> dict[str, int]:
 def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
     """11 cells x 3 seeds: DepthShrinker block, SNL channel and pixel and MetaPruning at 2 keep ratios, uniform at
     2 widths, dense. One timing job: the 7 seed-free cells (dense, uniform, SNL channel/pixel) once, DepthShrinker
-    and MetaPruning for every seed; the finetune and metaprune jobs merge their own cells; the cost table once."""
+    and MetaPruning for every seed; every training job merges its own network; the cost table once."""
     jobs = planned("--config", f"results={tmp_path}/r")
     assert jobs == {"train_dense": 3, "cost_table": 1, "search": 18, "finetune": 18, "train_uniform": 6,
-                    "metaprune": 6, "merge": 3 + 6, "bench": 1, "row": 33,
+                    "metaprune": 6, "bench": 1, "row": 33,
                     "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
@@ -46,14 +46,14 @@ def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path)
     # one latency table; one importance job per block with activations (19) plus the dense reference; the DP
     # per cell; the DepthShrinker cells whose masks set the budgets are the grid's own (no extra search)
     assert jobs == {"train_dense": 3, "cost_table": 1, "latency_table": 1, "importance": 3 * 20, "search": 9,
-                    "depthdp": 9, "finetune": 18, "merge": 3, "bench": 1,
+                    "depthdp": 9, "finetune": 18, "bench": 1,
                     "row": 21, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
 def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
     one = planned("--configfile", str(ROOT / "config" / "quick.yaml"), "--config", f"results={tmp_path}/r")
     three = planned("--config", f"results={tmp_path}/r")
-    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "merge", "row"):
+    for rule in ("train_dense", "search", "finetune", "train_uniform", "metaprune", "row"):
         assert three[rule] == 3 * one[rule], rule
     for rule in ("cost_table", "bench", "summarize", "aggregate", "paired", "plots"):
         assert three[rule] == one[rule] == 1, rule
@@ -96,7 +96,7 @@ SHRUNK = {"metaprune": 1, **TIMED}  # MetaPruning's budget is the DepthShrinker 
 RERUNS = [
     ({"stages": {"finetune": {"epochs": 2}}}, {"finetune": 2, **SHRUNK, **END}),
     ({"stages": {"search": {"epochs": 2}}}, {"search": 2, "finetune": 2, **SHRUNK, **END}),
-    ({"stages": {"uniform": {"epochs": 2}}}, {"train_uniform": 1, "merge": 1, **TIMED, **END}),
+    ({"stages": {"uniform": {"epochs": 2}}}, {"train_uniform": 1, **TIMED, **END}),
     ({"metapruning": {"population": 3}}, {"metaprune": 1, **TIMED, **END}),
     ({"mpc": {"runs": 2}}, {**TIMED, **END}),
     ({"bench": {"repeats": 3}}, {**TIMED, **END}),
@@ -126,8 +126,8 @@ def test_tiny_pipeline_runs_end_to_end_and_reruns_what_a_config_change_affects(m
     assert (results / "plots" / "accuracy_vs_mpc_latency.png").is_file()
     # every job left a non-empty log, and every stage's JSON names the config it answers
     cell = results / "depthshrinker/block/0.5/seed0"
-    logs = [log for log in results.rglob("logs/**/*.log")]  # one per job (20), none for `all`
-    assert len(logs) == 20 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
+    logs = [log for log in results.rglob("logs/**/*.log")]  # one per job (18), none for `all`
+    assert len(logs) == 18 and all(log.stat().st_size > 0 for log in logs), [str(l) for l in logs if not l.stat().st_size]
     for name, stage in [("model.json", "finetune"), ("merge.json", "merge"), ("mpc.json", "bench-mpc"),
                         ("bench.json", "bench-device"), ("mask.json", "extract"), ("row.json", "row:depthshrinker")]:
         block = read_json(cell / name)["provenance"]

@@ -9,9 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .jsonio import read_json, write_json
-from .config import ConfigError, load_config
-from .provenance import provenance
+from depthshrinker.base.config import ConfigError, load_config
+from depthshrinker.base.jsonio import read_json, write_json
+from depthshrinker.base.provenance import provenance, search_stage
 
 
 def _config(args) -> dict:
@@ -23,19 +23,19 @@ def _size(args) -> int:
 
 
 def cmd_train_dense(args):
-    from .baselines import train_dense
+    from depthshrinker.methods.baselines import train_dense
 
     return {"top1": train_dense(_config(args), args.out)["top1"]}
 
 
 def cmd_train_uniform(args):
-    from .baselines import train_uniform
+    from depthshrinker.methods.baselines import train_uniform
 
     return {"top1": train_uniform(_config(args), args.width, args.dense, args.out)["top1"]}
 
 
 def cmd_metaprune(args):
-    from .pruning import matched_budget, metaprune
+    from depthshrinker.methods.pruning import matched_budget, metaprune
 
     config = _config(args)
     budget = args.budget if args.budget is not None else matched_budget(config, args.cost, args.dense, args.match)
@@ -44,28 +44,28 @@ def cmd_metaprune(args):
 
 
 def cmd_search(args):
-    from .search import search
+    from depthshrinker.methods.search import search
 
     metrics = search(_config(args), args.dense, args.out, args.method, args.granularity, args.keep, args.costs)
     return {k: metrics[k] for k in ("top1", "budget", "active_elements", "budget_reached") if k in metrics}
 
 
 def cmd_extract(args):
-    from .search import extract
+    from depthshrinker.methods.search import extract
 
     return {k: v for k, v in extract(args.search, args.out).items() if k not in ("units", "layers")}
 
 
 def cmd_finetune(args):
-    from .finetune import finetune
+    from depthshrinker.methods.finetune import finetune
 
     return {"top1": finetune(_config(args), args.dense, args.mask, args.out)["top1"]}
 
 
 def cmd_merge(args):
-    from .jsonio import write_json
-    from .merge import export_onnx, merge_checkpoint, merge_pattern, onnx_max_abs_err
-    from .plan import merge_policy
+    from depthshrinker.base.jsonio import write_json
+    from depthshrinker.deploy.merge import export_onnx, merge_checkpoint, merge_pattern, onnx_max_abs_err
+    from depthshrinker.deploy.plan import merge_policy
 
     config = _config(args)
     if args.checkpoint:
@@ -73,7 +73,7 @@ def cmd_merge(args):
             raise ConfigError("merge: --out is required with --checkpoint")
         report = merge_checkpoint(args.checkpoint, args.out, config, args.input_size, samples=args.samples)
         if args.onnx:
-            from .checkpoint import load_model
+            from depthshrinker.deploy.load import load_model
 
             merged = load_model(args.out)[0]
             export_onnx(merged, args.onnx, _size(args))
@@ -90,17 +90,18 @@ def cmd_merge(args):
 
 
 def cmd_bench_device(args):
-    from .bench import bench_device
+    from depthshrinker.deploy.device import bench_device
 
     config = _config(args)
     _same_length(args)
     rows = bench_device(args.model, args.dense, args.out, config["data"]["image_size"],
-                        repeats=config["bench"]["repeats"], gpu=config["bench"]["gpu"])
+                        repeats=config["bench"]["repeats"], gpu=config["bench"]["gpu"],
+                        onnxruntime=config["bench"]["onnxruntime"])
     return rows[0] if len(rows) == 1 else {"models": len(rows), "out": args.out}
 
 
 def cmd_bench_mpc(args):
-    from .mpc import bench_mpc
+    from depthshrinker.deploy.mpc.engine import bench_mpc
 
     config = _config(args)
     mpc = config["mpc"]
@@ -116,25 +117,25 @@ def _same_length(args) -> None:
 
 
 def cmd_cost_table(args):
-    from .tables import cost_table
+    from depthshrinker.deploy.tables import cost_table
 
     return {"units": len(cost_table(_config(args), args.target, args.granularity, args.out)), "out": args.out}
 
 
 def cmd_latency_table(args):
-    from .depthdp import latency_table
+    from depthshrinker.methods.depthdp import latency_table
 
     return {"options": len(latency_table(_config(args), args.target, args.out)), "out": args.out}
 
 
 def cmd_importance(args):
-    from .depthdp import importance
+    from depthshrinker.methods.depthdp import importance
 
     return importance(_config(args), args.dense, args.block, args.out)
 
 
 def cmd_depthdp(args):
-    from .depthdp import plan
+    from depthshrinker.methods.depthdp import plan
 
     mask = plan(_config(args), args.keep, args.latency, args.reference, args.blocks, args.out, args.match)
     return {"num_kept": mask["num_kept"], "num_units": mask["num_units"],
@@ -142,14 +143,14 @@ def cmd_depthdp(args):
 
 
 def cmd_profile(args):
-    from .report import profile_cell
+    from depthshrinker.report import profile_cell
 
     return profile_cell(args.model, args.method, args.granularity, args.keep, _size(args), args.out)
 
 
 def cmd_row(args):
-    from .provenance import config_hash, sections
-    from .report import cell_row
+    from depthshrinker.base.provenance import config_hash, sections
+    from depthshrinker.report import cell_row
 
     config = _config(args)
     return cell_row(args.method, args.granularity, args.keep, args.model, args.parts, args.out, seed=config["seed"],
@@ -157,19 +158,19 @@ def cmd_row(args):
 
 
 def cmd_summarize(args):
-    from .report import summarize
+    from depthshrinker.report import summarize
 
     return {"rows": len(summarize(args.rows, args.out)), "out": args.out}
 
 
 def cmd_aggregate(args):
-    from .report import aggregate
+    from depthshrinker.report import aggregate
 
     return {"cells": len(aggregate(args.summary, args.out, args.test_images)), "out": args.out}
 
 
 def cmd_compare(args):
-    from .report import PAIRED_MARKERS, compare, compare_wide, replace_block
+    from depthshrinker.report import PAIRED_MARKERS, compare, compare_wide, replace_block
 
     pairs = [tuple(pair.split(":")) for pair in args.pairs]
     bad = next((p for p, pair in zip(args.pairs, pairs) if len(pair) != 2), None)
@@ -182,7 +183,7 @@ def cmd_compare(args):
 
 
 def cmd_rerun_check(args):
-    from .report import rerun_check
+    from depthshrinker.report import rerun_check
 
     text = rerun_check(args.reference, args.rerun, out=args.out)
     print(text)
@@ -190,13 +191,13 @@ def cmd_rerun_check(args):
 
 
 def cmd_plots(args):
-    from .figures import plots
+    from depthshrinker.figures import plots
 
     return {"plots": [str(p) for p in plots(args.summary, args.out, _config(args), args.test_images)]}
 
 
 def cmd_table(args):
-    from .report import table
+    from depthshrinker.report import table
 
     table(args.by_cell, args.readme, args.out)
     return {"readme": args.readme, "out": args.out}
@@ -359,7 +360,7 @@ def _runtime(args):
     if args.command in LIGHT:
         yield lambda: True
         return
-    from .train import init_distributed, is_main, set_threads
+    from depthshrinker.train import init_distributed, is_main, set_threads
 
     set_threads(args.threads)
     with init_distributed():
@@ -378,7 +379,13 @@ def main(argv: list[str] | None = None, config: dict | None = None, log_file: st
         with _runtime(args) as is_main:
             result = args.fn(args)
             if is_main():
-                stage = f"row:{args.method}" if args.command == "row" else args.command
+                stage = args.command
+                if stage == "row":
+                    stage = f"row:{args.method}"
+                elif stage == "search":
+                    stage = search_stage(args.method, args.granularity)
+                elif stage == "merge" and not result.get("masked", True):
+                    stage = "merge-full"
                 for output in _json_outputs(args):
                     stamp(output, _config(args), stage)
     except ConfigError as err:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .mpc.cost import NETWORKS
-from .report import by_cell
+from depthshrinker.deploy.mpc.cost import NETWORKS
+from depthshrinker.report import by_cell
 
 _WAN = NETWORKS["wan"]
 AXES = [  # (column, x label, file stem, lower is better)

@@ -24,7 +24,7 @@ def launch(argv: list, config: dict, threads: int = 1, gpus: int = 0, log: str |
 
 def _launch_one(argv: list[str], config: dict, gpus: int, log: str | None) -> None:
     if gpus <= 1:
-        from .cli import main
+        from depthshrinker.cli import main
 
         if main(argv, config=config, log_file=log) != 0:
             raise SystemExit(f"depthshrinker {argv[0]} failed (see {log or 'stderr'})")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
-from .jsonio import read_json, write_json
-from .provenance import software
-from .stats import t_interval, wilson
+from depthshrinker.base.config import ConfigError
+from depthshrinker.base.jsonio import read_json, write_json
+from depthshrinker.base.provenance import software
+from depthshrinker.base.stats import prediction_interval, t_interval, wilson
 
 CELL = ["method", "granularity", "keep_ratio"]
 QUALITY = ("nll", "teacher_agreement", "teacher_kl")  # test-split figures beyond top-1 (train.train_stage)
@@ -40,8 +40,9 @@ class CountMismatch(ConfigError):
 def profile_cell(model_path: str | Path, method: str, granularity: str, keep_ratio: float, image_size: int,
                  out: str | Path | None = None) -> dict:
     """The summary row of one cell from its finetuned checkpoint: top-1 and the cost counts."""
-    from .checkpoint import load, load_model
-    from .counting import profile
+    from depthshrinker.base.checkpoint import load
+    from depthshrinker.deploy.load import load_model
+    from depthshrinker.nets.counting import profile
 
     model, _ = load_model(model_path)
     metrics = json.loads(load(model_path).get("metrics", "{}"))
@@ -145,7 +146,7 @@ def summarize(row_files: list[str | Path], out: str | Path) -> pd.DataFrame:
 # Aggregated columns: top-1, the counts and every timing/cost (not their IQR/min/max/per-run companions).
 METRIC = re.compile(r"top1|nll|teacher_agreement|teacher_kl|params|macs|nonlinear_units|nonlinear_layers"
                     r"|relu6?_elements|layers_after|merge_max_abs_err"
-                    r"|cpu_latency_ms|cpu_speedup|gpu_throughput_img_s\w*|gpu_speedup\w*|mpc_latency_s|mpc_comm_mb"
+                    r"|(ort_)?cpu_latency_ms|(ort_)?cpu_speedup|ort_over_eager|gpu_throughput_img_s\w*|gpu_speedup\w*|mpc_latency_s|mpc_comm_mb"
                     r"|mpc_bytes|mpc_rounds|mpc_e2e_s|mpc_est_\w+_s|mpc_preproc_\w+")
 COMPANION = re.compile(r"_iqr|_(min|max|runs)_s$")
 CARRY = ("test_images", "git_revision", "gpu", "cpu_threads")  # per-cell facts, copied (values joined by ';')
@@ -257,7 +258,7 @@ TABLE = [  # (header, column, digits, scale)
     ("nonlinear layers", "nonlinear_layers", 1, 1), ("convs", "layers_after", 1, 1),
     ("CrypTen s", "mpc_latency_s", 2, 1), ("MB", "mpc_comm_mb", 0, 1), ("preproc. MB", "mpc_preproc_mb", 0, 1),
     ("rounds", "mpc_rounds", 0, 1), ("est. WAN s", "mpc_est_wan_s", 1, 1),
-    ("CPU × dense", "cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
+    ("CPU × dense", "cpu_speedup", 2, 1), ("ONNX RT × dense", "ort_cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
 ]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 PAIRED_MARKERS = ("<!-- paired-table:start -->", "<!-- paired-table:end -->")
@@ -405,21 +406,29 @@ def compare(summary: str | Path, pairs: list[tuple[str, str]], out: str | Path |
 def rerun_check(reference: str | Path, rerun: str | Path, columns: tuple[str, ...] = ("top1", "nll", "teacher_agreement"),
                 out: str | Path | None = None) -> str:
     """Markdown: does every cell of a rerun (its ``summary_by_cell.csv``: another machine, another thread count)
-    land inside the 95 % interval printed for it by the ``reference`` aggregate? One line per cell and column
-    (reference mean and interval, rerun mean, inside or not) and a count at the end."""
+    land inside the 95 % interval printed for it by the ``reference`` aggregate? One line per cell and column:
+    the reference mean and its confidence interval, the rerun mean, and whether it lies inside that interval and
+    inside the 95 % prediction interval for the mean of a rerun of ``m`` seeds, ``mean ± t(n-1)·s·√(1/n + 1/m)``
+    (``stats.prediction_interval``: the interval a rerun's mean should land in; the confidence interval is
+    narrower, being about the reference's own mean only); counts at the end."""
     ref, new = (pd.read_csv(p).set_index(CELL) for p in (reference, rerun))
-    lines = ["| cell | column | reference mean [95 % interval] | rerun mean | inside |", "|---" * 5 + "|"]
-    inside = total = 0
+    lines = ["| cell | column | reference mean [95 % interval] | rerun mean | inside | 95 % prediction interval "
+             "| inside |", "|---" * 7 + "|"]
+    inside = predicted = total = 0
     for cell in ref.index.intersection(new.index):
         for column in columns:
             if f"{column}_mean" not in ref or pd.isna(ref.loc[cell, f"{column}_lo"]):
                 continue
             lo, hi, mean = ref.loc[cell, f"{column}_lo"], ref.loc[cell, f"{column}_hi"], new.loc[cell, f"{column}_mean"]
-            ok = bool(lo <= mean <= hi)
-            inside, total = inside + ok, total + 1
+            plo, phi = prediction_interval(ref.loc[cell, f"{column}_mean"], ref.loc[cell, f"{column}_std"],
+                                           int(ref.loc[cell, "n"]), int(new.loc[cell, "n"]))
+            ok, pok = bool(lo <= mean <= hi), bool(plo <= mean <= phi)
+            inside, predicted, total = inside + ok, predicted + pok, total + 1
             lines.append(f"| {cell[0]} {cell[1]} {cell[2]:g} | {column} | {ref.loc[cell, f'{column}_mean']:.4g} "
-                         f"[{lo:.4g}, {hi:.4g}] | {mean:.4g} | {'yes' if ok else '**no**'} |")
-    text = "\n".join(lines) + f"\n\n{inside} of {total} inside.\n"
+                         f"[{lo:.4g}, {hi:.4g}] | {mean:.4g} | {'yes' if ok else '**no**'} | [{plo:.4g}, {phi:.4g}] | "
+                         f"{'yes' if pok else '**no**'} |")
+    text = "\n".join(lines) + (f"\n\n{inside} of {total} inside the confidence interval, {predicted} of {total} "
+                               f"inside the prediction interval.\n")
     if out is not None:
         Path(out).write_text(text)
     return text

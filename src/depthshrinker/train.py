@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import atomic_save
-from .gates import is_gate_param
+from depthshrinker.base.checkpoint import atomic_save
+from depthshrinker.nets.gates import is_gate_param
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +342,8 @@ def train_stage(config: dict, stage: str, model: nn.Module, spec: dict, out: str
     ``reference`` (the dense teacher; ``teacher`` when not given), ``teacher_agreement`` (% same top-1 class)
     and ``teacher_kl`` (mean KL(teacher ‖ model), nats); ``test_images``, ``epochs`` run, ``best_epoch`` (early stopping), the recipe,
     ``extra_metrics(history)`` and the history."""
-    from .checkpoint import save
-    from .jsonio import write_json
+    from depthshrinker.base.checkpoint import save
+    from depthshrinker.base.jsonio import write_json
 
     out = Path(out)
     recipe = replace(Recipe.from_config(config, stage, distill=distill), **(recipe_overrides or {}))

@@ -6,8 +6,8 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from depthshrinker.config import ConfigError, for_seed, validate as check
-from depthshrinker.provenance import sections
+from depthshrinker.base.config import ConfigError, for_seed, validate as check
+from depthshrinker.base.provenance import search_stage, sections
 
 try:  # the library's check first: one line naming the key; `--config` strings become the schema's numbers
     config.update(check(config))
@@ -147,8 +147,8 @@ def searched(wildcards):
 @functools.cache
 def option_blocks():
     """PlainNet blocks of the configured model that have activations (each an importance job); built once."""
-    from depthshrinker.depthdp import block_options
-    from depthshrinker.models import create_model
+    from depthshrinker.methods.depthdp import block_options
+    from depthshrinker.nets.registry import create_model
 
     model = create_model(config["model"]["arch"], 10, config["model"]["small_input"])
     return [block for block, _, _ in block_options(model)]

@@ -1,32 +1,8 @@
-# Deployment and measurement of every cell: merge (BN folded, linear convs merged), device and MPC benchmarks;
+# Measurement of every cell's deployed network (merged by the job that trained it): device and MPC benchmarks;
 # and the per-unit cost tables of the platform-aware search. One timing job measures every cell, with every core
 # the run has, so no other job shares the machine while it times: the seed-free architectures (common.smk
 # SEED_FREE) once, the others for every seed, in one process and one set of CrypTen parties, so the start-up is
 # paid once, not per cell (every cell still gets its own bench.json and mpc.json).
-
-
-rule merge:
-    input:
-        model=f"{CELL}/model.pt",
-    output:
-        merged=f"{CELL}/merged.pt",
-        report=f"{CELL}/merge.json",
-    log:
-        f"{CELL}/logs/merge.log",
-    wildcard_constraints:
-        method="dense|uniform",  # the finetune and metaprune jobs merge their own cells
-    benchmark:
-        f"{CELL}/benchmarks/merge.tsv"
-    params:
-        config=reads("merge"),
-        argv=lambda w, input, output: ["merge", "--checkpoint", input.model, "--out", output.merged,
-                                       "--report", output.report],
-    resources:
-        **resources("light"),
-    conda:
-        ENV
-    script:
-        "../scripts/stage.py"
 
 
 BENCH_MODELS, BENCH_DENSE, BENCH_DEVICE, BENCH_MPC = bench_job()

@@ -17,7 +17,7 @@ rule search:
     benchmark:
         f"{CELL}/benchmarks/search.tsv"
     params:
-        config=reads("search"),
+        config=lambda w: reads(search_stage(w.method, w.granularity))(w),
         # search, then extract its mask, in one job (one process start-up)
         argv=lambda w, input, output: [
             ["search", "--dense", input.dense, "--out", output.model, "--method", w.method, "--granularity",

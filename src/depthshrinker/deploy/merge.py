@@ -1,0 +1,226 @@
+"""Exact convolution merging (DepthShrinker, Fu et al. 2022, Sec. 3.3): within each block of a PlainNet,
+every run of consecutive convolutions with no activation between them becomes one dense convolution.
+
+Composition of two biased convolutions A (kernel ``ka``, stride ``sa``) then B (``kb``, ``sb``, padding 0)::
+
+    W[o, i] = Σ_m W_B[o, m] ⋆ W_A[m, i]    (W_B dilated by sa; kernel ka + (kb-1)·sa, stride sa·sb)
+    b[o]    = b_B[o] + Σ_m b_A[m] · Σ_{u,v} W_B[o, m, u, v]
+
+For pw-expand W1, depthwise K, pw-project W3 this is ``W[o,i,u,v] = Σ_m W3[o,m]·K[m,u,v]·W1[m,i]`` and
+``b[o] = b3[o] + Σ_m W3[o,m]·(b2[m] + b1[m]·Σ_{u,v} K[m,u,v])``. It is exact at the image borders only when B
+has no padding of its own: a 1x1 with bias before a padded kxk must be in pad-first form (the 1x1 carries the
+padding, see ``units.set_pad_first``), otherwise the merge is refused. A block that becomes one stride-1
+convolution with ``in == out`` absorbs its residual: ``W[o, o, p, p] += 1`` at the kernel centre.
+
+Which runs merge is the network's merge plan (``plan.plan_merges``): the one recorded with the network when its
+keep-list was applied (``plan.apply_keep``, under the deploy target's ``plan.merge_policy``), else one made
+here under the given policy, among the segments that merge exactly as the network stands.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthshrinker.base.checkpoint import save
+from depthshrinker.base.config import ConfigError
+from depthshrinker.base.data import build_datasets
+from depthshrinker.deploy.load import load_model
+from depthshrinker.deploy.plan import apply_keep, candidate_segments, composed_spec, merge_policy, plan_merges
+from depthshrinker.nets.counting import profile
+from depthshrinker.nets.plain import PlainNet, to_plain
+from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
+
+__all__ = ["PATTERNS", "Conv", "candidate_segments", "compose", "conv_layers", "export_onnx", "fold_residual",
+           "head_input", "held_out_images", "merge_checkpoint", "merge_pattern", "merge_plain", "onnx_max_abs_err"]
+
+# Upstream MobileNetV2-1.4 keep-lists (19 block units, 1 = keep the activation); F keeps the stem and head only.
+PATTERNS: dict[str, list[int]] = {
+    "A": [0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1],
+    "B": [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1],
+    "C": [1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1],
+    "D": [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+    "E": [0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+    "F": [1] + [0] * 17 + [1],
+}
+
+
+@dataclass
+class Conv:
+    """A biased convolution: its spec (as in ``plain``) and float64 weight and bias."""
+    spec: dict
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _ungroup(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped weight [M, I/g, k, k] as the equivalent dense one [M, I, k, k] (zeros off the groups)."""
+    out, per_group = weight.shape[:2]
+    index = (torch.arange(out) // (out // groups) * per_group)[:, None] + torch.arange(per_group)
+    dense = weight.new_zeros(out, per_group * groups, *weight.shape[2:])
+    return dense.scatter_(1, index[:, :, None, None].expand_as(weight), weight)
+
+
+def compose(a: Conv, b: Conv, where: str = "") -> Conv:
+    """``b ∘ a`` as one convolution (module docstring); ConfigError naming ``where`` when it is not exact."""
+    spec = composed_spec(a.spec, b.spec)
+    if spec["padding"] is None:
+        raise ConfigError(f"merge: {where}: a conv with padding {b.spec['padding']} follows a linear conv, so merging "
+                          "them is not exact at the borders (the first conv's bias is missing in the padding); put "
+                          "the block in pad-first form (units.set_pad_first, done by plan.apply_keep) first")
+    stride = a.spec["stride"]
+    w_a = a.weight if spec["groups"] == a.spec["groups"] else _ungroup(a.weight, a.spec["groups"])
+    weight = F.conv2d(w_a.transpose(0, 1), b.weight.flip(2, 3), padding=(b.spec["kernel"] - 1) * stride,
+                      dilation=stride, groups=b.spec["groups"]).transpose(0, 1)
+    bias = b.bias + F.conv2d(a.bias.view(1, -1, 1, 1), b.weight.sum((2, 3), keepdim=True),
+                             groups=b.spec["groups"]).view(-1)
+    return Conv(spec, weight.contiguous(), bias)
+
+
+def fold_residual(conv: Conv) -> bool:
+    """Add the identity at the kernel centre (``W[o, o, p, p] += 1``) when the conv keeps the shape."""
+    s = conv.spec
+    if s["stride"] != 1 or s["in"] != s["out"] or 2 * s["padding"] != s["kernel"] - 1 or s["act"] != "none":
+        return False
+    channels = torch.arange(s["out"])
+    conv.weight[channels, channels % (s["in"] // s["groups"]), s["padding"], s["padding"]] += 1
+    return True
+
+
+@torch.no_grad()
+def merge_plain(net: PlainNet, policy: str | dict | None = None, latency: dict | None = None) -> PlainNet:
+    """The merged PlainNet (same function). The plan is the one recorded in ``net.spec["merge_plan"]`` when no
+    ``policy`` is given, else ``plan_merges(net, policy, latency)`` (``macs`` when there is neither). Residuals
+    fold where a block became one conv. The spec records ``merge`` (``policy`` and per block the ``plan``) and
+    per block ``merged_from`` (original conv indices per conv), ``residual_folded`` and ``decisions``."""
+    recorded = net.spec.get("merge_plan") if policy is None and latency is None else None
+    plan = recorded or plan_merges(net, policy or "macs", latency)
+    if len(plan["blocks"]) != len(net.blocks):
+        raise ConfigError(f"merge: the plan has {len(plan['blocks'])} blocks, the network {len(net.blocks)}")
+    spec = copy.deepcopy(net.spec)
+    spec.pop("merge_plan", None)
+    merged_convs: list[list[Conv]] = []
+    for i, (block, bspec, bplan) in enumerate(zip(net.blocks, spec["blocks"], plan["blocks"])):
+        convs = [Conv(c, m.weight.to(torch.float64, copy=True), m.bias.to(torch.float64, copy=True))
+                 for c, m in zip(bspec["convs"], block.convs)]
+        segments = bplan["segments"]
+        merged = [functools.reduce(functools.partial(compose, where=f"block {i}"), [convs[j] for j in seg])
+                  for seg in segments]
+        folded = bool(bspec.get("residual")) and len(merged) == 1 and fold_residual(merged[0])
+        bspec.update(convs=[m.spec for m in merged], residual=bool(bspec.get("residual")) and not folded,
+                     merged_from=segments, residual_folded=folded, decisions=bplan["decisions"])
+        merged_convs.append(merged)
+    spec["merge"] = {"policy": plan["policy"], "plan": [b["segments"] for b in plan["blocks"]]}
+    out = PlainNet(spec).to(next(net.parameters()))
+    for block, convs in zip(out.blocks, merged_convs):
+        for target, conv in zip(block.convs, convs):
+            target.weight.copy_(conv.weight)
+            target.bias.copy_(conv.bias)
+    out.classifier.load_state_dict(net.classifier.state_dict())
+    return out.eval()
+
+
+def conv_layers(net: PlainNet) -> int:
+    return sum(len(block.convs) for block in net.blocks)
+
+
+def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features before the head (input of a PlainNet's last block, of a timm model's ``conv_head``): where a
+    wrong merge shows even when the head's ReLU6 clips the logits into agreement (REFERENCE §2)."""
+    head = model.blocks[-1] if isinstance(model, PlainNet) else model.conv_head
+    seen = []
+    handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def _merge_and_check(model: nn.Module, x: torch.Tensor, policy: str | dict | None) -> tuple[PlainNet, dict]:
+    """Merge a (timm or plain) model under its recorded plan or ``policy``; report costs before/after, the max
+    abs logit error and the relative error of the features before the head on the images ``x``."""
+    model.eval()
+    plain = model if isinstance(model, PlainNet) else to_plain(model)
+    merged = merge_plain(plain, None if plain.spec.get("merge_plan") else policy)
+    ref, ref_features = model(x), head_input(model, x)
+    before, after = profile(plain, x.shape[-1]), profile(merged, x.shape[-1])
+    return merged, {
+        "merge_max_abs_err": float((merged(x) - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
+        "merge_feature_rel_err": float((head_input(merged, x) - ref_features).abs().max()
+                                       / ref_features.abs().max().clamp_min(1e-30)),
+        **after, "layers_before": conv_layers(plain),
+        "layers_after": conv_layers(merged), "params_unmerged": before["params"], "macs_unmerged": before["macs"],
+        "merged_blocks": [i for i, b in enumerate(merged.spec["blocks"]) if any(len(s) > 1 for s in b["merged_from"])],
+        "merge_policy": merged.spec["merge"]["policy"]["name"], "merge_plan": merged.spec["merge"],
+    }
+
+
+def held_out_images(config: dict, input_size: int, samples: int) -> torch.Tensor:
+    """The first ``samples`` images of the held-out test split (``data.build_datasets``) at ``input_size``."""
+    test = build_datasets({**config["data"], "image_size": input_size}, config["seed"]).test
+    return torch.stack([test[i][0] for i in range(min(samples, len(test)))])
+
+
+def merge_checkpoint(ckpt_path: str | Path, out_path: str | Path, config: dict, input_size: int | None = None,
+                     samples: int = 8) -> dict:
+    """Stage: load a finetuned checkpoint, fold BN, merge under its recorded plan (else ``merge_policy(config)``,
+    among the exact merges), check against the unmerged model on ``samples`` held-out test images, save the
+    merged PlainNet (state_dict + spec) to ``out_path``; returns the JSON-able report."""
+    size = input_size or config["data"]["image_size"]
+    model, spec = load_model(ckpt_path)
+    x = held_out_images(config, size, samples)
+    masked = bool(spec.get("mask"))  # all activations kept: nothing merges under any policy, none is read
+    merged, report = _merge_and_check(model, x, merge_policy(config, size) if masked else {"name": "macs"})
+    save(out_path, merged, merged.spec)
+    return {"finetuned": str(ckpt_path), "merged": str(out_path), "input_size": size, "check_images": len(x),
+            "check_split": "test", "masked": masked, **report}
+
+
+def merge_pattern(arch: str, keep: list[int] | str, input_size: int, pretrained: str = "none",
+                  num_classes: int = 1000, small_input: bool = False, free_act: str = "none",
+                  policy: str | dict = "macs", samples: int = 2, seed: int = 0) -> dict:
+    """Apply a keep-list (or a ``PATTERNS`` name) to a fresh backbone under the merge ``policy``, merge, and
+    report costs and errors on ``samples`` seeded random images. The granularity follows the keep-list's length
+    (block or layer units)."""
+    model = create_model(arch, num_classes, small_input=small_input, pretrained=pretrained).eval()
+    keep = PATTERNS[keep] if isinstance(keep, str) else list(keep)
+    units = {len(u): u for u in (activation_units(model, g) for g in ("block", "layer"))}
+    if len(keep) not in units:
+        raise ConfigError(f"merge: keep-list has {len(keep)} entries; {arch} has {' or '.join(map(str, units))} units")
+    apply_keep(model, units[len(keep)], keep, free_act, policy)
+    x = torch.randn(samples, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
+    _, report = _merge_and_check(model, x, policy)
+    return {"arch": arch, "keep": keep, "input_size": input_size, "check_images": samples,
+            "check_split": "seeded noise", **report}
+
+
+def export_onnx(net: nn.Module, path: str | Path, input_size: int) -> Path:
+    """Export to ONNX (opset 17, dynamic batch) with the TorchScript exporter (no onnxscript needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net.eval(), (torch.zeros(1, 3, input_size, input_size),), str(path), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+@torch.no_grad()
+def onnx_max_abs_err(net: nn.Module, path: str | Path, input_size: int, samples: int = 2, seed: int = 0) -> float:
+    """Max abs difference between onnxruntime (CPU) running ``path`` and PyTorch running ``net``."""
+    import onnxruntime
+
+    x = torch.randn(samples, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": x.numpy()})
+    return float((torch.from_numpy(logits) - net.eval()(x)).abs().max())
