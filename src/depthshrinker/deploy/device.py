@@ -20,13 +20,15 @@ from depthshrinker.deploy.mpc.engine import as_plain
 
 def onnx_runtime(net: nn.Module, folder: str | Path, input_size: int) -> Callable[[torch.Tensor], list]:
     """``net`` exported to ONNX (``merge.export_onnx``) and served by an ONNX Runtime CPU session with this
-    process's torch thread count (intra-op, sequential execution): a callable on an image batch."""
+    process's torch thread count (intra-op, sequential execution, no spin-waiting: an idle session's spinning
+    threads would steal the cores from whichever network is timed next): a callable on an image batch."""
     import onnxruntime
 
     path = export_onnx(net, Path(folder) / "net.onnx", input_size)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"image": x.numpy()})
 
