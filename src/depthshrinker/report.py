@@ -258,7 +258,7 @@ TABLE = [  # (header, column, digits, scale)
     ("nonlinear layers", "nonlinear_layers", 1, 1), ("convs", "layers_after", 1, 1),
     ("CrypTen s", "mpc_latency_s", 2, 1), ("MB", "mpc_comm_mb", 0, 1), ("preproc. MB", "mpc_preproc_mb", 0, 1),
     ("rounds", "mpc_rounds", 0, 1), ("est. WAN s", "mpc_est_wan_s", 1, 1),
-    ("CPU × dense", "cpu_speedup", 2, 1), ("ONNX RT × dense", "ort_cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
+    ("CPU × dense", "cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
 ]
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 PAIRED_MARKERS = ("<!-- paired-table:start -->", "<!-- paired-table:end -->")
