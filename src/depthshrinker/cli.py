@@ -342,6 +342,17 @@ def _json_outputs(args) -> list[Path]:
     return paths
 
 
+def _stage(args, result) -> str:
+    """The READS entry (``provenance``) a finished subcommand answers to."""
+    if args.command == "row":
+        return f"row:{args.method}"
+    if args.command == "search":
+        return search_stage(args.method, args.granularity)
+    if args.command == "merge" and not result.get("masked", True):
+        return "merge-full"  # a network that keeps every activation
+    return args.command
+
+
 def stamp(path: Path, config: dict, stage: str) -> None:
     """Add ``provenance(config, stage)`` to the JSON object in ``path`` (rewritten atomically)."""
     data = read_json(path)
@@ -379,15 +390,8 @@ def main(argv: list[str] | None = None, config: dict | None = None, log_file: st
         with _runtime(args) as is_main:
             result = args.fn(args)
             if is_main():
-                stage = args.command
-                if stage == "row":
-                    stage = f"row:{args.method}"
-                elif stage == "search":
-                    stage = search_stage(args.method, args.granularity)
-                elif stage == "merge" and not result.get("masked", True):
-                    stage = "merge-full"
                 for output in _json_outputs(args):
-                    stamp(output, _config(args), stage)
+                    stamp(output, _config(args), _stage(args, result))
     except ConfigError as err:
         line = f"depthshrinker {args.command}: error: {err}"
         print(line, file=sys.stderr)

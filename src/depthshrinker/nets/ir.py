@@ -20,6 +20,7 @@ outside every block are the ``stem`` before the first block and the ``head`` aft
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -95,9 +96,11 @@ def _refuse(where: str, what: str) -> ConfigError:
 
 @dataclass
 class Net:
-    """The IR of a traced network: ``nodes`` in forward order (by name), its residuals."""
+    """The IR of a traced network: ``nodes`` in forward order (by name), its residuals, and the paths of its
+    container modules (Sequential, ModuleList, ModuleDict: never a block)."""
     nodes: dict[str, Node]
     residuals: list[Residual]
+    containers: frozenset[str]
 
     @property
     def acts(self) -> list[Node]:
@@ -142,8 +145,6 @@ class Net:
             units.append(Unit(name, [act.act_id], block))
         return units
 
-    containers: frozenset[str] = frozenset()
-
 
 def _common_prefix(a: str, b: str) -> str:
     """Deepest module path that contains both paths (``""``: the root)."""
@@ -169,22 +170,16 @@ def _residual(nodes: dict[str, Node], order: dict[str, int], add: Node, index: i
     a, b = add.inputs
     up_a, up_b = _ancestors(nodes, a), _ancestors(nodes, b)
     fork = max(up_a & up_b, key=order.get)
-    arms = []
-    for arm, up in ((a, up_a), (b, up_b)):
-        path = sorted(up - _ancestors(nodes, fork), key=order.get)
-        arms.append((arm, path))
-    (short_arm, short), (_, branch) = sorted(arms, key=lambda x: len(x[1]))
+    above = _ancestors(nodes, fork)
+    short, branch = sorted((sorted(up - above, key=order.get) for up in (up_a, up_b)), key=len)
     if not short:
         shortcut = None
     elif [nodes[n].op for n in short] in (["conv"], ["conv", "norm"]) and nodes[short[0]].inputs == (fork,):
         shortcut = short[0]
     else:
         raise _refuse(add.scope or add.name, "a residual whose shortcut is not the identity or conv(+BN)")
-    members = [nodes[n] for n in branch] + [add]
-    paths = [n.module or n.scope for n in members]  # module paths (a shared act: its module's)
-    block = paths[0]
-    for p in paths[1:]:
-        block = _common_prefix(block, p)
+    paths = [n.module or n.scope for n in (*(nodes[m] for m in branch), add)]  # a shared act: its module's path
+    block = functools.reduce(_common_prefix, paths)
     return Residual(add.name, fork, tuple(branch), shortcut, block or f"res{index}")
 
 
@@ -199,7 +194,7 @@ def extract(model: nn.Module) -> Net:
         return tuple(alias.get(a.name, a.name) for a in node.all_input_nodes if alias.get(a.name, a.name) in nodes)
 
     def add(name: str, op: str, node: fx.Node, **kw) -> None:
-        nodes[name] = Node(name, op, kw.pop("ins", None) or inputs(node), scope=_scope(node), **kw)
+        nodes[name] = Node(name, op, inputs(node), scope=_scope(node), **kw)
 
     for node in graph.nodes:
         where = _scope(node) or f"{type(model).__name__}.forward"
@@ -265,6 +260,4 @@ def extract(model: nn.Module) -> Net:
     order = {name: i for i, name in enumerate(nodes)}
     adds = [n for n in nodes.values() if n.op == "add"]
     residuals = [_residual(nodes, order, n, i) for i, n in enumerate(adds)]
-    net = Net(nodes, residuals)
-    net.containers = frozenset(p for p, m in modules.items() if isinstance(m, CONTAINERS))
-    return net
+    return Net(nodes, residuals, frozenset(p for p, m in modules.items() if isinstance(m, CONTAINERS)))
