@@ -54,8 +54,12 @@ def test_removing_a_block_removes_its_layers_from_the_count(mbv2):
 
 
 def test_unknown_arch_names_the_key():
-    with pytest.raises(ConfigError, match="model.arch"):
-        create_model("resnet50", 10)
+    with pytest.raises(ConfigError, match="model.arch: unknown arch 'resnet51'"):
+        create_model("resnet51", 10)
+    with pytest.raises(ConfigError, match="model.arch: resnet18 has no width multiplier"):
+        create_model("resnet18", 10, width=0.5)
+    with pytest.raises(ConfigError, match="model.arch: cannot import 'no_such_pkg.nets:build'"):
+        create_model("module:no_such_pkg.nets:build", 10)
 
 
 def test_missing_weights_file_names_the_file(tmp_path):

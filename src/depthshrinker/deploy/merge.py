@@ -8,9 +8,11 @@ Composition of two biased convolutions A (kernel ``ka``, stride ``sa``) then B (
 
 For pw-expand W1, depthwise K, pw-project W3 this is ``W[o,i,u,v] = Σ_m W3[o,m]·K[m,u,v]·W1[m,i]`` and
 ``b[o] = b3[o] + Σ_m W3[o,m]·(b2[m] + b1[m]·Σ_{u,v} K[m,u,v])``. It is exact at the image borders only when B
-has no padding of its own: a 1x1 with bias before a padded kxk must be in pad-first form (the 1x1 carries the
-padding, see ``units.set_pad_first``), otherwise the merge is refused. A block that becomes one stride-1
-convolution with ``in == out`` absorbs its residual: ``W[o, o, p, p] += 1`` at the kernel centre.
+has no padding of its own: a chain with padding after its first conv must be in pad-first form (the first
+conv carries all the padding, see ``plain.set_pad_first``), otherwise the merge is refused. A residual block
+whose branch became one conv (kernel K, stride S, padding P) absorbs its shortcut at kernel offset P, where
+that conv reads the input pixel the shortcut reads: the identity (S = 1) as ``W[o, o, P, P] += 1``, a 1x1
+projection (stride S) as ``W[:, :, P, P] += W_proj``, ``b += b_proj``.
 
 Which runs merge is the network's merge plan (``plan.plan_merges``): the one recorded with the network when its
 keep-list was applied (``plan.apply_keep``, under the deploy target's ``plan.merge_policy``), else one made
@@ -34,7 +36,7 @@ from depthshrinker.base.data import build_datasets
 from depthshrinker.deploy.load import load_model
 from depthshrinker.deploy.plan import apply_keep, candidate_segments, composed_spec, merge_policy, plan_merges
 from depthshrinker.nets.counting import profile
-from depthshrinker.nets.plain import PlainNet, to_plain
+from depthshrinker.nets.plain import PlainNet, layout, to_plain
 from depthshrinker.nets.registry import create_model
 from depthshrinker.nets.units import activation_units
 
@@ -74,7 +76,7 @@ def compose(a: Conv, b: Conv, where: str = "") -> Conv:
     if spec["padding"] is None:
         raise ConfigError(f"merge: {where}: a conv with padding {b.spec['padding']} follows a linear conv, so merging "
                           "them is not exact at the borders (the first conv's bias is missing in the padding); put "
-                          "the block in pad-first form (units.set_pad_first, done by plan.apply_keep) first")
+                          "the chain in pad-first form (plain.set_pad_first, done by plan.apply_keep) first")
     stride = a.spec["stride"]
     w_a = a.weight if spec["groups"] == a.spec["groups"] else _ungroup(a.weight, a.spec["groups"])
     weight = F.conv2d(w_a.transpose(0, 1), b.weight.flip(2, 3), padding=(b.spec["kernel"] - 1) * stride,
@@ -84,13 +86,23 @@ def compose(a: Conv, b: Conv, where: str = "") -> Conv:
     return Conv(spec, weight.contiguous(), bias)
 
 
-def fold_residual(conv: Conv) -> bool:
-    """Add the identity at the kernel centre (``W[o, o, p, p] += 1``) when the conv keeps the shape."""
-    s = conv.spec
-    if s["stride"] != 1 or s["in"] != s["out"] or 2 * s["padding"] != s["kernel"] - 1 or s["act"] != "none":
+def fold_residual(conv: Conv, shortcut: Conv | None = None) -> bool:
+    """Add the shortcut (None: the identity) into a block's one conv at kernel offset P (module docstring); False
+    where the conv has an activation or does not read the shortcut's pixel at a kernel tap."""
+    s, p = conv.spec, conv.spec["padding"]
+    stride = shortcut.spec["stride"] if shortcut else 1
+    if s["act"] != "none" or s["stride"] != stride or not 0 <= p < s["kernel"]:
         return False
-    channels = torch.arange(s["out"])
-    conv.weight[channels, channels % (s["in"] // s["groups"]), s["padding"], s["padding"]] += 1
+    if shortcut is None:
+        if s["in"] != s["out"]:
+            return False
+        channels = torch.arange(s["out"])
+        conv.weight[channels, channels % (s["in"] // s["groups"]), p, p] += 1
+        return True
+    if s["groups"] != 1:
+        conv.weight, conv.spec = _ungroup(conv.weight, s["groups"]), {**s, "groups": 1}
+    conv.weight[:, :, p, p] += shortcut.weight[:, :, 0, 0]
+    conv.bias += shortcut.bias
     return True
 
 
@@ -108,33 +120,46 @@ def merge_plain(net: PlainNet, policy: str | dict | None = None, latency: dict |
     spec.pop("merge_plan", None)
     merged_convs: list[list[Conv]] = []
     for i, (block, bspec, bplan) in enumerate(zip(net.blocks, spec["blocks"], plan["blocks"])):
-        convs = [Conv(c, m.weight.to(torch.float64, copy=True), m.bias.to(torch.float64, copy=True))
-                 for c, m in zip(bspec["convs"], block.convs)]
+        convs = [_float64(c, m) for c, m in zip(bspec["convs"], block.convs)]
         segments = bplan["segments"]
         merged = [functools.reduce(functools.partial(compose, where=f"block {i}"), [convs[j] for j in seg])
                   for seg in segments]
-        folded = bool(bspec.get("residual")) and len(merged) == 1 and fold_residual(merged[0])
+        shortcut = _float64(bspec["shortcut"], block.shortcut) if bspec.get("shortcut") else None
+        folded = bool(bspec.get("residual")) and len(merged) == 1 and fold_residual(merged[0], shortcut)
         bspec.update(convs=[m.spec for m in merged], residual=bool(bspec.get("residual")) and not folded,
                      merged_from=segments, residual_folded=folded, decisions=bplan["decisions"])
-        merged_convs.append(merged)
+        if folded:
+            bspec.pop("shortcut", None)
+        merged_convs.append(merged + ([shortcut] if shortcut and not folded else []))
     spec["merge"] = {"policy": plan["policy"], "plan": [b["segments"] for b in plan["blocks"]]}
     out = PlainNet(spec).to(next(net.parameters()))
     for block, convs in zip(out.blocks, merged_convs):
-        for target, conv in zip(block.convs, convs):
+        targets = [*block.convs, *([block.shortcut] if hasattr(block, "shortcut") else [])]
+        for target, conv in zip(targets, convs, strict=True):
             target.weight.copy_(conv.weight)
             target.bias.copy_(conv.bias)
     out.classifier.load_state_dict(net.classifier.state_dict())
     return out.eval()
 
 
+def _float64(spec: dict, module: nn.Conv2d) -> Conv:
+    return Conv(spec, module.weight.to(torch.float64, copy=True), module.bias.to(torch.float64, copy=True))
+
+
 def conv_layers(net: PlainNet) -> int:
-    return sum(len(block.convs) for block in net.blocks)
+    """Convolutions of a PlainNet, projection shortcuts included."""
+    return sum(len(block.convs) + hasattr(block, "shortcut") for block in net.blocks)
 
 
 def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The features before the head (input of a PlainNet's last block, of a timm model's ``conv_head``): where a
-    wrong merge shows even when the head's ReLU6 clips the logits into agreement (REFERENCE §2)."""
-    head = model.blocks[-1] if isinstance(model, PlainNet) else model.conv_head
+    """The features before the head (the input of the last PlainNet block, of its first conv in the network it
+    came from: MobileNetV2's ``conv_head``): where a wrong merge shows even when the head's ReLU6 clips the
+    logits into agreement (REFERENCE §2)."""
+    if isinstance(model, PlainNet):
+        head = model.blocks[-1]
+    else:
+        last = layout(model).blocks[-1]
+        head = last.convs[0].conv if last.convs else model.get_submodule(last.name)
     seen = []
     handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     try:

@@ -15,11 +15,13 @@ where ``cost`` follows the policy (``merge_policy``):
   ``mpc.network`` (``mpc.cost.latency``: compute + R·RTT + B/2·8/bandwidth, bytes and rounds exact for CrypTen);
 * ``cpu`` / ``gpu``: measured seconds of the segment as one conv (batch 1 on the CPU, ``data.batch_size`` on
   CUDA; median of interleaved repeats);
-* ``latency``: a given table ``segment_key`` -> seconds (``candidate_segments`` lists what it must hold).
+* ``latency``: a given table ``segment_key`` -> seconds (``candidate_segments`` lists what it must hold);
+* ``all``: every segment costs 1, so every run merges into as few convs as merge exactly (DepthShrinker as
+  published: merging is never declined, even where a 3x3∘3x3 → 5x5 costs more MACs).
 
 A segment is a candidate only where merging it is exact (REFERENCE §1, the padding trap): no conv after its first
-pads, or, when the block may still be put in pad-first form, every conv before the padded one is a 1x1
-stride-1 conv without padding, so the padding moves to the segment's front (``units.set_pad_first``).
+pads, or the network may still be put in pad-first form, so the padding moves to the segment's front
+(``plain.set_pad_first``).
 """
 from __future__ import annotations
 
@@ -33,12 +35,12 @@ from torch import nn
 from depthshrinker.base.config import ConfigError
 from depthshrinker.base.timing import quartiles, time_interleaved
 from depthshrinker.deploy.mpc import cost as mpc_cost
-from depthshrinker.nets.gates import apply_masks, apply_plan, remove_units
+from depthshrinker.nets.gates import apply_masks, remove_units
 from depthshrinker.nets.ir import Unit
-from depthshrinker.nets.plain import plain_spec
+from depthshrinker.nets.plain import apply_plan, plain_spec
 from depthshrinker.nets.units import activation_units
 
-POLICIES = ("macs", "mpc", "cpu", "gpu", "latency")
+POLICIES = ("macs", "mpc", "cpu", "gpu", "latency", "all")
 
 
 def merge_policy(config: dict, input_size: int | None = None) -> dict:
@@ -91,11 +93,10 @@ def needs_pad_first(convs: list[dict]) -> bool:
 
 
 def merged_spec(convs: list[dict], pad_first: bool = False) -> dict | None:
-    """The one conv a chain merges into (padding ``Σ_j p_j·s_1⋯s_{j−1}``), or None when that is not exact."""
-    for j, c in enumerate(convs[1:], 1):
-        movable = all(p["kernel"] == p["stride"] == 1 and not p["padding"] for p in convs[:j])
-        if c["padding"] and not (pad_first and movable):
-            return None
+    """The one conv a chain merges into (padding ``Σ_j p_j·s_1⋯s_{j−1}``), or None when that is not exact (a
+    later conv pads and the chain may not go pad-first)."""
+    if needs_pad_first(convs) and not pad_first:
+        return None
     spec = functools.reduce(composed_spec, convs)
     return {**spec, "padding": sum(c["padding"] * stride_of(convs[:j]) for j, c in enumerate(convs))}
 
@@ -171,6 +172,8 @@ def _costs(block: int, convs: list[dict], shapes: list[tuple[int, int, int]] | N
         if missing:
             raise ConfigError(f"merge: latency table has no entry '{missing[0]}' (see merge.candidate_segments)")
         return {se: float(latency[segment_key(block, *se)]) for se in segments}
+    if name == "all":
+        return dict.fromkeys(segments, 1.0)
     if name == "macs":
         return {(s, e): c["out"] * c["in"] // c["groups"] * c["kernel"] ** 2 / stride_of(convs[:e]) ** 2
                 for (s, e), c in segments.items()}
@@ -227,7 +230,7 @@ def apply_keep(model: nn.Module, units: list[Unit], keep: list[int], free_act: s
                policy: str | dict = "macs", plan: dict | None = None) -> nn.Module:
     """Stage-2 form of a keep-list (``gates.remove_units``) with its merge plan: the recorded ``plan`` of a
     checkpoint, or the one ``plan_merges`` decides under ``policy`` for the network as it now stands; the
-    blocks the plan merges into a padded conv go pad-first (``gates.apply_plan``)."""
+    segments the plan merges into a padded conv go pad-first (``plain.apply_plan``)."""
     remove_units(model, units, keep, free_act)
     return apply_plan(model, plan or plan_merges(plain_spec(model), policy, pad_first=True))
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthshrinker.nets.ir import Unit
-from depthshrinker.nets.units import activation_units, set_pad_first
+from depthshrinker.nets.ir import ActModule, Unit
+from depthshrinker.nets.units import activation_units
 
 
 def num_kept(keep_ratio: float, num_units: int) -> int:
@@ -46,7 +46,7 @@ def straight_through(hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return hard.to(scores.dtype) + (scores - scores.detach())
 
 
-class GateAct(nn.Module):
+class GateAct(ActModule):
     """An activation blended with the identity: ``y = act(x) + (x - act(x)) * r`` where ``r`` (the removal
     indicator, broadcast over the input) is 0 to keep the activation and 1 to remove it."""
 
@@ -261,16 +261,4 @@ def remove_units(model: nn.Module, units: list[Unit], keep: list[int], free_act:
         acts = [p for unit in units if unit.block == path for p in unit.acts]
         if free_act == "relu6" and acts and all(p in removed for p in acts):
             add_free_act(model.get_submodule(path))
-    return model
-
-
-def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
-    """Record a decided merge plan (``deploy.plan``) as ``model.merge_plan`` and put the IR blocks where it merges
-    the expansion into the padded depthwise conv, and only those, in pad-first form (so they merge exactly, see
-    ``units.set_pad_first``)."""
-    model.merge_plan = plan
-    blocks = [block for stage in model.blocks for block in stage]  # PlainNet blocks 1..n-2
-    for block, entry in zip(blocks, plan["blocks"][1:]):
-        if entry["pad_first"]:
-            set_pad_first(block)
     return model

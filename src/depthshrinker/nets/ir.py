@@ -70,12 +70,18 @@ class Unit:
     block: str | None = None
 
 
+class ActModule(nn.Module):
+    """Base of the modules that stand in for a ReLU/ReLU6 (the gates of ``nets.gates``): the IR reads them as
+    that activation (``kind``: relu or relu6), so a gated or masked network has the same IR as the plain one."""
+    kind: str = "relu"
+
+
 class _Tracer(fx.Tracer):
     """torch.nn built-ins are leaves, and so is every BatchNorm2d subclass (a fused norm-act stays one call,
-    and traces the same in train and eval mode)."""
+    and traces the same in train and eval mode) and every ``ActModule``."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, nn.BatchNorm2d | ActModule) or super().is_leaf_module(m, qualname)
 
 
 def _scope(node: fx.Node) -> str:
@@ -85,6 +91,8 @@ def _scope(node: fx.Node) -> str:
 
 
 def _act_kind(module: nn.Module) -> str | None:
+    if isinstance(module, ActModule):
+        return module.kind
     if isinstance(module, nn.ReLU6) or (type(module) is nn.Hardtanh and (module.min_val, module.max_val) == (0, 6)):
         return "relu6"
     return "relu" if isinstance(module, nn.ReLU) else None

@@ -5,11 +5,15 @@ latency estimates ``T ≈ compute + R·RTT + B / (2·bandwidth)``.
 Online, what CrypTen communicates (per party, sent + received; equal to its counters in tests/test_mpc.py):
 
 * conv / linear layer (Beaver): opens ``x − a`` and ``W − b`` in one ``all_reduce`` → 16 B per element of
-  input and weight, 1 round. Bias and residual additions, mean pooling (public divisor, local truncation in
-  2PC) and input sharing (pseudo-random zero shares) are free.
+  input and weight, 1 round; a projection shortcut is one more conv. Bias and residual additions, mean pooling
+  (public divisor, local truncation in 2PC) and input sharing (pseudo-random zero shares) are free.
 * ReLU: ``x · (x ≥ 0)`` (SNL masks: only on the kept elements, selected by public indices, for free): A2B
   conversion, carry circuit, B2A and a Beaver product → 464 B per element,
   9 rounds per layer. ReLU6 = ``hardtanh(0, 6)`` stacks its two ReLUs into one call → 928 B, still 9 rounds.
+* max-pool (k, stride s, padding p; ``party.secure_max_pool``): replicate padding (free: the max of a window
+  is unchanged by copies of its own border pixels), then the max over each window row and then over each
+  window column as ``m + relu(x − m)`` chains: ``k − 1`` ReLU layers of ``C·H·W_o`` elements, then ``k − 1``
+  of ``C·H_o·W_o`` → ``2(k − 1)`` activation layers, counted as ReLU elements.
 * revealing the logits to the client: 8 B per logit, 1 round.
 
 So ``B = 464·N_relu + 928·N_relu6 + 16·Σ(numel(in) + numel(W)) + 8·classes`` and
@@ -108,11 +112,25 @@ def _conv(conv: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, int
     out = (conv["out"], (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
     weight = conv["out"] * conv["in"] // conv["groups"] * k * k
     macs = out[0] * out[1] * out[2] * conv["in"] // conv["groups"] * k * k
-    elements = out[0] * out[1] * out[2]
-    if conv.get("mask"):  # SNL: only the mask's ones (broadcast over the rest of the shape) are compared
-        mask = conv["mask"]
-        elements = mask["ones"] * elements // math.prod(mask["shape"])
-    return _linear(c * h * w, weight, macs, out[0] * out[1] * out[2]) + _act(conv["act"], elements), out
+    numel = out[0] * out[1] * out[2]
+    return _linear(c * h * w, weight, macs, numel) + _act(conv["act"], _elements(conv, numel)), out
+
+
+def max_pool(pool: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, int, int]]:
+    """(cost, output shape) of a max-pool as ``party.secure_max_pool`` computes it (module docstring)."""
+    c, h, w = shape
+    k, s, p = pool["kernel"], pool["stride"], pool["padding"]
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    total = Cost()
+    for numel in [c * h * wo] * (k - 1) + [c * ho * wo] * (k - 1):
+        total += _act("relu", numel)
+    return total, (c, ho, wo)
+
+
+def _elements(act: dict, numel: int) -> int:
+    """Elements an activation compares: with an SNL mask only its ones (broadcast over the rest of the shape)."""
+    mask = act.get("mask")
+    return mask["ones"] * numel // math.prod(mask["shape"]) if mask else numel
 
 
 def merged_conv(convs: list[dict]) -> dict:
@@ -134,6 +152,8 @@ def block_cost(block: dict, shape: tuple[int, int, int], acts: bool = True,
     """(cost, output shape) of one block (a ``PlainNet.spec["blocks"]`` entry) on a (C, H, W) input.
     ``acts=False`` drops all its activations (the free activation too); ``merged=True`` also merges its convs
     into one (what DepthShrinker deploys)."""
+    if block.get("pool"):
+        return max_pool(block["pool"], shape)
     convs = [c if acts else {**c, "act": "none"} for c in block["convs"]]
     if merged:
         if acts and any(c["act"] != "none" for c in convs):
@@ -144,10 +164,14 @@ def block_cost(block: dict, shape: tuple[int, int, int], acts: bool = True,
     for conv in convs:
         step, out = _conv(conv, out)
         total += step
+    if block.get("shortcut"):
+        step, short = _conv(block["shortcut"], shape)
+        total, shape = total + step, short
     if block.get("residual") and out != shape:
         raise ValueError(f"residual block changes the shape {shape} -> {out}")
     if acts:
-        total += _act(block.get("free_act", "none"), out[0] * out[1] * out[2])
+        free = block.get("free_act", "none")
+        total += _act(free, _elements({"mask": block.get("free_mask")}, math.prod(out)))
     return total, out
 
 

@@ -36,8 +36,8 @@ BATCH = "batch"                         # dealer message: a list of TTP requests
 
 
 def secure_act(y, conv: dict):
-    """The activation of a conv spec on a CrypTensor; with an SNL mask (public), only the kept elements go
-    through it: gather them by index, activate, add the difference back."""
+    """The activation of a conv spec (or ``plain.free_act_spec``) on a CrypTensor; with an SNL mask (public),
+    only the kept elements go through it: gather them by index, activate, add the difference back."""
     act = SECURE_ACTS[conv["act"]]
     if not conv.get("mask") or conv["act"] == "none":
         return act(y)
@@ -48,18 +48,52 @@ def secure_act(y, conv: dict):
     return flat.index_add(0, keep, act(kept) - kept).view(y.shape)
 
 
+def _max_along(x, dim: int, k: int, s: int, p: int):
+    """Max over windows of ``k`` along ``dim`` (stride ``s``), the border replicated ``p`` times on each side:
+    ``m + relu(x − m)`` over the window's ``k`` strided slices (``k − 1`` ReLU layers)."""
+    if p:
+        crypten = import_crypten()
+        size = x.size(dim)
+        first, last = x.narrow(dim, 0, 1), x.narrow(dim, size - 1, 1)
+        x = crypten.cat([first] * p + [x] + [last] * p, dim=dim)
+    out = (x.size(dim) - k) // s + 1
+    index = [slice(None)] * x.dim()
+    slices = []
+    for t in range(k):
+        index[dim] = slice(t, t + s * (out - 1) + 1, s)
+        slices.append(x[tuple(index)])
+    m = slices[0]
+    for y in slices[1:]:
+        m = m + (y - m).relu()
+    return m
+
+
+def secure_max_pool(x, pool: dict):
+    """``max_pool2d`` on a CrypTensor, separably (rows, then columns) with replicate padding, which equals torch's
+    -inf padding (``cost.max_pool``)."""
+    k, s, p = pool["kernel"], pool["stride"], pool["padding"]
+    return _max_along(_max_along(x, 3, k, s, p), 2, k, s, p)
+
+
+def _secure_conv(x, conv: dict, params: dict, name: str):
+    y = x.conv2d(params[name + "weight"], stride=conv["stride"], padding=conv["padding"], groups=conv["groups"])
+    return y + params[name + "bias"].view(1, -1, 1, 1)
+
+
 def secure_forward(spec: dict, params: dict, x):
     """Mirror ``PlainNet.forward`` on CrypTensors; ``params`` maps state_dict names to shared parameters."""
     for i, block in enumerate(spec["blocks"]):
+        if block.get("pool"):
+            x = secure_max_pool(x, block["pool"])
+            continue
         y = x
         for j, conv in enumerate(block["convs"]):
-            name = f"blocks.{i}.convs.{j}."
-            y = y.conv2d(params[name + "weight"], stride=conv["stride"], padding=conv["padding"],
-                         groups=conv["groups"])
-            y = secure_act(y + params[name + "bias"].view(1, -1, 1, 1), conv)
-        if block.get("residual"):
+            y = secure_act(_secure_conv(y, conv, params, f"blocks.{i}.convs.{j}."), conv)
+        if block.get("shortcut"):
+            y = y + _secure_conv(x, block["shortcut"], params, f"blocks.{i}.shortcut.")
+        elif block.get("residual"):
             y = y + x
-        x = SECURE_ACTS[block.get("free_act", "none")](y)
+        x = secure_act(y, {"act": block.get("free_act", "none"), "mask": block.get("free_mask")})
     return x.mean((2, 3)).matmul(params["classifier.weight"].t()) + params["classifier.bias"]
 
 
