@@ -1,4 +1,6 @@
-"""Latency of MobileNetV2-1.4 (BN folded) dense vs linearized-unmerged vs merged, DepthShrinker patterns A-F.
+"""Latency of a backbone (BN folded) dense vs linearized-unmerged vs merged: MobileNetV2-1.4 with DepthShrinker's
+patterns A-F; any other arch with two keep-lists over its block units, every other block linear (``alternate``)
+and every block but the stem linear (``stem only``).
 
 All networks are timed interleaved in one run, the order rotated every repeat; each speed is reported as the
 median (and interquartile range) over repeats of the per-repeat ratio to the dense network timed in the same
@@ -7,6 +9,7 @@ repeat, so that machine-wide slowdowns cancel.
     python benchmarks/bench_merge.py --repeats 5 --threads 1 --batch 1 32     # CPU
     python benchmarks/bench_merge.py --repeats 7 --threads 1 --batch 1 --onnxruntime   # + ONNX Runtime sessions
     python benchmarks/bench_merge.py --gpu                                    # batch 128, 50 warm-up, 30 timed
+    python benchmarks/bench_merge.py --arch resnet18 --policy all --repeats 7 --threads 1 --batch 1 --onnxruntime
 """
 from __future__ import annotations
 
@@ -26,12 +29,20 @@ from depthshrinker.nets.registry import create_model
 from depthshrinker.nets.units import activation_units
 
 
-def networks(arch: str) -> dict[str, torch.nn.Module]:
+def patterns(arch: str) -> dict[str, list[int]]:
+    """DepthShrinker's patterns for MobileNetV2, else ``alternate`` and ``stem only`` over the block units."""
+    n = len(activation_units(create_model(arch, 1000)))
+    if n == len(PATTERNS["A"]):
+        return PATTERNS
+    return {"alternate": [1] + [i % 2 for i in range(n - 1)], "stem only": [1] + [0] * (n - 1)}
+
+
+def networks(arch: str, policy: str) -> dict[str, torch.nn.Module]:
     """dense, then for each pattern its linearized (pad-first, unmerged) and merged PlainNets."""
     nets = {"dense": to_plain(create_model(arch, 1000).eval())}
-    for name, keep in PATTERNS.items():
+    for name, keep in patterns(arch).items():
         model = create_model(arch, 1000).eval()
-        nets[f"{name} unmerged"] = to_plain(apply_keep(model, activation_units(model), keep))
+        nets[f"{name} unmerged"] = to_plain(apply_keep(model, activation_units(model), keep, policy=policy))
         nets[f"{name} merged"] = merge_plain(nets[f"{name} unmerged"])
     return nets
 
@@ -40,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="mobilenetv2_140")
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--policy", default="macs", choices=["macs", "all"],
+                        help="merge plan: merge where MACs drop (default), or every linear run")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -55,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = "cuda" if args.gpu else "cpu"
     batches, warmup = ([128], 50) if args.gpu else (args.batch, args.warmup)
-    nets = networks(args.arch)
+    nets = networks(args.arch, args.policy)
     costs = {name: (macs(net, args.input_size) / 1e6, conv_layers(net)) for name, net in nets.items()}
     nets = {name: net.to(device) for name, net in nets.items()}
     folder = tempfile.TemporaryDirectory()
@@ -66,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                                                args.input_size)
     header = "| network | MMACs | convs |" + "".join(
         f" b{b} ms (IQR) | b{b} × dense (IQR) |" for b in batches)
-    print(f"{args.arch} {args.input_size}x{args.input_size}, {device}, threads={args.threads}, "
+    print(f"{args.arch} {args.input_size}x{args.input_size}, {device}, policy {args.policy}, threads={args.threads}, "
           f"repeats={args.repeats}, batches={batches}\n\n{header}\n|{'---|' * (3 + 2 * len(batches))}")
     cells = {name: [] for name in nets}
     for batch in batches:

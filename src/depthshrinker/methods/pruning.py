@@ -34,7 +34,7 @@ from depthshrinker.base.data import build_datasets, build_loaders
 from depthshrinker.base.jsonio import write_json
 from depthshrinker.deploy.load import load_model
 from depthshrinker.nets.counting import macs, params
-from depthshrinker.nets.cut import dense_convs, kept_channels, prune, pruned_spec, stages, width_of
+from depthshrinker.nets.cut import dense_convs, genes, kept_channels, prune, pruned_spec, stages, width_of
 from depthshrinker.train import Recipe, device, evaluate, is_main, train_stage
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,12 @@ def fit_budget(dense: nn.Module, profile: dict[str, float], budget: float, cost_
     (``floor``: the narrowest network's cost), aimed at the middle of ``[(1 - tolerance) * budget, budget]`` and
     kept inside the bracket by bisection, stop inside that window or after ``steps`` probes (scales that give
     the same channel counts are cut once); the narrowest network is the fallback."""
-    convs = dense_convs(dense)
+    convs, gene = dense_convs(dense), genes(dense)
     cache: dict[tuple, tuple[nn.Module, dict, float]] = {}  # many scales give the same channel counts
 
     def cut(s: float):
         widths = {k: round(min(1.0, s * g), 4) for k, g in profile.items()}
-        plan = tuple(kept_channels(width_of(widths, name), m.out_channels, round_to) for name, m in convs.items())
+        plan = tuple(kept_channels(width_of(widths, name, gene), m.out_channels, round_to) for name, m in convs.items())
         if plan not in cache:
             model = prune(copy.deepcopy(dense), widths, round_to)
             cache[plan] = model, widths, cost_fn(model)

@@ -1,8 +1,8 @@
-"""Channel surgery on a timm EfficientNet-family network with torch-pruning's DependencyGraph (Fang et al.,
-CVPR 2023): it finds the coupled channels (residual-tied block outputs, an expansion and its depthwise conv,
-the head conv and the classifier input) and every group keeps its channels of largest L2 magnitude.
+"""Channel surgery on any registered network with torch-pruning's DependencyGraph (Fang et al., CVPR 2023): it
+finds the coupled channels (residual-tied block outputs, projection shortcuts, an expansion and its depthwise
+conv, the head conv and the classifier input) and every group keeps its channels of largest L2 magnitude.
 
-A pruned network stays a timm model; its spec is the base spec with ``kind: "pruned"`` and ``channels``
+A pruned network keeps its module tree; its spec is the base spec with ``kind: "pruned"`` and ``channels``
 (output channels of every dense convolution), from which ``build_pruned`` recreates the shapes.
 """
 from __future__ import annotations
@@ -18,16 +18,30 @@ from depthshrinker.base.config import ConfigError
 from depthshrinker.nets.registry import create_model
 
 
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def genes(model: nn.Module) -> dict[str, str]:
+    """The stage (a MetaPruning gene) of every dense conv: a stage is a container whose children are blocks
+    (MobileNetV2's ``blocks.3``, ResNet's ``layer2``), named ``stage{i}`` in order; convs outside every stage are
+    ``stem`` before the first one and ``head`` after it."""
+    modules = dict(model.named_modules())
+    found: list[str] = []
+    out = {}
+    for name in dense_convs(model):
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        stage = next((a for a, b in zip(prefixes, prefixes[1:])
+                      if isinstance(modules[a], CONTAINERS) and not isinstance(modules[b], CONTAINERS)), None)
+        if stage is not None and stage not in found:
+            found.append(stage)
+        out[name] = f"stage{found.index(stage)}" if stage is not None else "head" if found else "stem"
+    return out
+
+
 def stages(model: nn.Module) -> list[str]:
-    """Gene names of a timm EfficientNet-family model: ``stem``, ``stage0`` ... ``stage{n-1}``, ``head``."""
-    return ["stem", *(f"stage{i}" for i in range(len(model.blocks))), "head"]
-
-
-def stage_of(path: str) -> str:
-    """The stage a module path belongs to (``blocks.3.1.conv_pw`` -> ``stage3``)."""
-    if path.startswith("blocks."):
-        return f"stage{path.split('.')[1]}"
-    return "stem" if path.startswith("conv_stem") else "head"
+    """Gene names of ``model`` in order (``genes``): ``stem``, ``stage0`` ... and ``head`` where it has one."""
+    return list(dict.fromkeys(genes(model).values()))
 
 
 def dense_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -64,8 +78,9 @@ def kept_channels(width: float, channels: int, round_to: int = 8) -> int:
     return min(channels, max(round_to, round_to * math.ceil(width * channels / round_to)))
 
 
-def width_of(widths: dict[str, float], name: str) -> float:
-    return widths.get(name, widths.get(stage_of(name), 1.0))
+def width_of(widths: dict[str, float], name: str, gene: dict[str, str]) -> float:
+    """The width of conv ``name``: its own entry, else its stage's (``gene``: ``genes(model)``), else 1."""
+    return widths.get(name, widths.get(gene[name], 1.0))
 
 
 def prune(model: nn.Module, widths: dict[str, float], round_to: int = 8) -> nn.Module:
@@ -73,8 +88,9 @@ def prune(model: nn.Module, widths: dict[str, float], round_to: int = 8) -> nn.M
     channels, ranked by torch-pruning's group L2 magnitude (``MagnitudeImportance(p=2)``); the classifier's
     outputs stay. ``widths`` maps stage names (see ``stages``) or a group's first convolution (per layer,
     overriding its stage) to the kept fraction."""
-    seen = cut(model, lambda name, channels: kept_channels(width_of(widths, name), channels, round_to),
-                tp.importance.MagnitudeImportance(p=2))
+    gene = genes(model)
+    seen = cut(model, lambda name, channels: kept_channels(width_of(widths, name, gene), channels, round_to),
+               tp.importance.MagnitudeImportance(p=2))
     unknown = set(widths) - seen - set(stages(model))
     if unknown:
         raise ConfigError(f"pruning widths: unknown stage or layer {sorted(unknown)} (stages: {stages(model)})")
