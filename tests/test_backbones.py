@@ -124,6 +124,19 @@ def test_what_is_not_a_chain_of_blocks_is_refused_by_name(net, message):
         to_plain(net().eval())
 
 
+def test_a_shared_activation_module_is_refused_not_silently_ungated():
+    """torchvision's ResNet calls one ``relu`` twice per block: removing one call must stop with a clear line,
+    not set an unused attribute and leave both activations in place."""
+    import torchvision
+
+    from depthshrinker.nets.gates import remove_units
+
+    model = torchvision.models.resnet18(num_classes=10)
+    units = activation_units(model, "layer")
+    with pytest.raises(ConfigError, match="'layer[1-4]_[01]_relu(_1)?' is one of several calls of a shared module"):
+        remove_units(model, units, [1] + [0] * (len(units) - 1))
+
+
 needs_crypten = pytest.mark.skipif(importlib.util.find_spec("crypten") is None, reason="CrypTen not installed")
 
 

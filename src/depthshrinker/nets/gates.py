@@ -16,8 +16,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthshrinker.base.config import ConfigError
 from depthshrinker.nets.ir import ActModule, Unit
 from depthshrinker.nets.units import activation_units
+
+
+def _act_at(model: nn.Module, path: str) -> nn.Module:
+    """The module of activation ``path``; refused in one line where ``path`` names none (an activation module
+    called at several sites, e.g. torchvision ResNet's shared ``relu``, cannot be gated apart)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"activation {path!r} is one of several calls of a shared module: give each activation "
+                          "its own module to gate it (e.g. timm's resnet, not torchvision's)") from None
+
+
+def replace_act(model: nn.Module, path: str, make) -> nn.Module:
+    """Put ``make(act)`` where activation ``path`` is, and return it."""
+    new = make(_act_at(model, path))
+    model.set_submodule(path, new)
+    return new
 
 
 def num_kept(keep_ratio: float, num_units: int) -> int:
@@ -143,7 +161,7 @@ def install_topk_gates(model: nn.Module, units: list[Unit], keep_ratio: float) -
     model.ds_gates = gates
     for i, unit in enumerate(units):
         for path in unit.acts:
-            model.set_submodule(path, GatedAct(model.get_submodule(path), gates, i))
+            replace_act(model, path, lambda act: GatedAct(act, gates, i))
     return gates
 
 
@@ -157,7 +175,7 @@ def activation_shapes(model: nn.Module, paths: list[str], input_size: int) -> di
     shapes, handles = {}, []
     for path in paths:
         hook = (lambda p: lambda _m, inputs, _o: shapes.__setitem__(p, tuple(inputs[0].shape[1:])))(path)
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
+        handles.append(_act_at(model, path).register_forward_hook(hook))
     was_training = model.training
     try:
         model.eval()(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
@@ -176,18 +194,16 @@ def install_layer_gates(model: nn.Module, units: list[Unit], granularity: str, k
     shapes = activation_shapes(model, paths, input_size)
     gates = {}
     for path in paths:
-        act, shape = model.get_submodule(path), SNL_SHAPES[granularity](*shapes[path])
-        gates[path] = SoftMaskAct(act, shape) if granularity == "element" else LayerTopKGate(act, shape, keep_ratio)
-        model.set_submodule(path, gates[path])
+        shape = SNL_SHAPES[granularity](*shapes[path])
+        gates[path] = replace_act(model, path, lambda act: SoftMaskAct(act, shape) if granularity == "element"
+                                  else LayerTopKGate(act, shape, keep_ratio))
     return gates
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Stage-2 form of SNL masks: each named activation becomes a MaskedAct holding its binary mask."""
     for path, mask in masks.items():
-        gate = MaskedAct(model.get_submodule(path), tuple(mask.shape))
-        gate.mask.copy_(mask)
-        model.set_submodule(path, gate)
+        replace_act(model, path, lambda act: MaskedAct(act, tuple(mask.shape))).mask.copy_(mask)
     return model
 
 
@@ -256,7 +272,7 @@ def remove_units(model: nn.Module, units: list[Unit], keep: list[int], free_act:
         raise ValueError(f"mask has {len(keep)} entries, the model {len(units)} units")
     removed = {path for unit, k in zip(units, keep) if not k for path in unit.acts}
     for path in removed:
-        model.set_submodule(path, nn.Identity())
+        replace_act(model, path, lambda act: nn.Identity())
     for path in sorted({unit.block for unit in units if unit.block is not None}):
         acts = [p for unit in units if unit.block == path for p in unit.acts]
         if free_act == "relu6" and acts and all(p in removed for p in acts):

@@ -59,7 +59,8 @@ __all__ = ["PROVIDERS", "as_plain", "measure", "measure_many", "bench_mpc", "sec
 
 
 def as_plain(model: nn.Module) -> nn.Module:
-    """The PlainNet form of ``model`` (a PlainNet, or a timm EfficientNet-family model folded by ``to_plain``)."""
+    """The PlainNet form of ``model``: a PlainNet as it is, any other CNN folded from its IR by ``to_plain``."""
+    from depthshrinker.base.config import ConfigError
     from depthshrinker.nets.plain import (  # not at import time: the parties must not pay timm's import
         PlainNet,
         to_plain,
@@ -67,10 +68,10 @@ def as_plain(model: nn.Module) -> nn.Module:
 
     if isinstance(model, PlainNet):
         return model.eval()
-    if hasattr(model, "conv_stem"):
+    try:
         return to_plain(model.eval())
-    raise MPCError(f"cannot run {type(model).__name__} under MPC: expected a PlainNet or a timm MobileNetV2/"
-                   "EfficientNet-Lite model")
+    except ConfigError as e:
+        raise MPCError(f"cannot run {type(model).__name__} under MPC: {e}") from e
 
 
 def _run(nets: list[nn.Module], x: torch.Tensor, runs: int, warmup: int, threads: int, timeout: float,
