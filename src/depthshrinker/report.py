@@ -254,7 +254,7 @@ def _value(row: pd.Series, column: str, digits: int, scale: float = 1.0) -> str:
 
 TABLE = [  # (header, column, digits, scale)
     ("top-1 %", "top1", 2, 1), ("NLL", "nll", 3, 1), ("agrees with dense %", "teacher_agreement", 1, 1),
-    ("MMACs", "macs", 1, 1e-6), ("ReLU6 elements", "relu6_elements", 0, 1),
+    ("MMACs", "macs", 1, 1e-6), ("ReLU/ReLU6 elements", "nonlinear_units", 0, 1),
     ("nonlinear layers", "nonlinear_layers", 1, 1), ("convs", "layers_after", 1, 1),
     ("CrypTen s", "mpc_latency_s", 2, 1), ("MB", "mpc_comm_mb", 0, 1), ("preproc. MB", "mpc_preproc_mb", 0, 1),
     ("rounds", "mpc_rounds", 0, 1), ("est. WAN s", "mpc_est_wan_s", 1, 1),

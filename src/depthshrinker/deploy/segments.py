@@ -1,0 +1,147 @@
+"""Candidate merge segments over a network's conv sequence, as Kim et al. enumerate them ("Efficient Latency-Aware
+CNN Depth Compression via Two-Stage Dynamic Programming", ICML 2023, Sec. 3; LayerMerge, ICML 2024, Sec. 3), read
+from the network IR so that any supported CNN has them.
+
+The *body* is the convs of the network's blocks (the stem's and head's own convs are not in it), numbered
+1..n in forward order, projection shortcuts not counted; position ``p`` is the output of conv ``p`` (0: the
+stem's output). A segment ``(s, e)`` is convs ``s+1..e`` merged into one, every activation strictly inside
+removed. Its validity (the reference code's ``valid_blks``):
+
+* a residual block spans positions ``(src, tgt)``; a segment that starts before ``src`` and reaches it either
+  ends there or swallows the whole block (its shortcut folded into the kernel: identity at the centre, a
+  projection as a 1x1 kernel); a segment starting strictly inside a block ends inside it or at ``tgt``;
+* a segment does not run past a stride *break*: a strided conv ends its segment, except that a strided
+  depthwise conv may take the 1x1 conv right after it in its block (MobileNetV2's rule in the reference);
+  a max-pool between blocks is a break too.
+
+On MobileNetV2-1.0 this gives the reference's 171 segments (72 of them across blocks), on ResNet-34 its 62.
+
+LayerMerge also lets a segment *drop* convs: a conv is reducible when it keeps its channel count and has stride
+1 (it may become the identity); an option of a segment is a count of kept convs per (kernel, depthwise) kind,
+at least one conv in all; its merged kernel is ``Σ n_k·(k − 1) + 1``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from torch import nn
+
+from depthshrinker.nets.ir import extract
+from depthshrinker.nets.plain import layout
+
+__all__ = ["BodyConv", "Body", "body", "valid_segments", "segment_options", "Option"]
+
+
+@dataclass(frozen=True)
+class BodyConv:
+    """One conv of the body: where it is in the deploy form (``block``, ``index`` into its convs), its shape, and
+    whether the dense network has an activation after it (``act``; at a block end: after the residual add)."""
+    block: int
+    index: int
+    kernel: int
+    stride: int
+    depthwise: bool
+    channels: tuple[int, int]
+    act: bool
+
+    @property
+    def reducible(self) -> bool:
+        """LayerMerge: a conv that may be dropped (replaced by the identity) keeps its width and has stride 1."""
+        return self.channels[0] == self.channels[1] and self.stride == 1
+
+
+@dataclass(frozen=True)
+class Body:
+    """The conv sequence ``convs[p - 1]`` = conv ``p``; ``residuals`` src -> tgt positions; ``breaks`` positions
+    no segment runs past; ``block_ends`` the positions that end a block."""
+    convs: tuple[BodyConv, ...]
+    residuals: dict[int, int]
+    breaks: frozenset[int]
+    block_ends: frozenset[int]
+
+    def __len__(self) -> int:
+        return len(self.convs)
+
+    def crosses_blocks(self, s: int, e: int) -> bool:
+        return self.convs[s].block != self.convs[e - 1].block
+
+
+def body(model: nn.Module) -> Body:
+    """The body of ``model`` (module docstring): the convs of the blocks that are activation units of their own
+    (not the stem or head), in forward order."""
+    net = extract(model)
+    lay = layout(model, net)
+    unit_blocks = {u.block for u in net.units("block") if u.block is not None}
+    convs, residuals, breaks, ends = [], {}, set(), set()
+    inside = [i for i, b in enumerate(lay.blocks) if b.name in unit_blocks]
+    if not inside:
+        return Body((), {}, frozenset(), frozenset())
+    for i in range(inside[0], inside[-1] + 1):
+        block = lay.blocks[i]
+        if block.pool:  # a max-pool: no segment crosses it
+            breaks.add(len(convs))
+            continue
+        src = len(convs)
+        for j, c in enumerate(block.convs):
+            spec = c.spec()
+            last = j == len(block.convs) - 1
+            act = c.act is not None if not (last and block.residual) else block.free_act is not None
+            convs.append(BodyConv(i, j, spec["kernel"], spec["stride"], spec["groups"] == spec["in"] > 1,
+                                  (spec["in"], spec["out"]), act))
+        for j, c in enumerate(convs[src:], start=src + 1):
+            if c.stride > 1:
+                after = convs[j] if j < len(convs) else None
+                takes_1x1 = c.depthwise and after is not None and after.block == c.block and after.kernel == 1
+                breaks.add(j + 1 if takes_1x1 else j)
+        if block.residual:
+            residuals[src] = len(convs)
+        ends.add(len(convs))
+    return Body(tuple(convs), residuals, frozenset(breaks), frozenset(ends))
+
+
+def valid_segments(b: Body) -> list[tuple[int, int]]:
+    """Every valid segment ``(s, e)`` of the body (module docstring), in the reference's order (by start, then
+    end)."""
+    n = len(b)
+    breaks = sorted(p for p in b.breaks if 0 < p < n) + [n]
+    out = []
+    for s in range(n):
+        limit = next(p for p in breaks if p > s)           # the next break after s
+        owner = next((src for src, tgt in b.residuals.items() if src < s < tgt), None)
+        if owner is not None:                              # inside a residual block: stay in it
+            limit = min(limit, b.residuals[owner])
+        e = s + 1
+        while e <= limit:
+            out.append((s, e))
+            e = b.residuals[e] if e in b.residuals else e + 1
+    return out
+
+
+@dataclass(frozen=True)
+class Option:
+    """One LayerMerge option of a segment: the merged conv's ``kernel`` and whether it is ``depthwise``, and the
+    count of convs kept per (kernel, depthwise) kind."""
+    kernel: int
+    depthwise: bool
+    counts: tuple[tuple[tuple[int, bool], int], ...]
+
+
+def segment_options(b: Body, s: int, e: int) -> list[Option]:
+    """LayerMerge's options of segment ``(s, e)``: per (kernel, depthwise) kind, keep between its irreducible
+    count and all its convs, not none in all; combinations with the same merged (kernel, depthwise) are one option
+    (the first found, fewest kept first), in order of merged kernel."""
+    kinds: dict[tuple[int, bool], list[int]] = {}
+    for c in b.convs[s:e]:
+        low_high = kinds.setdefault((c.kernel, c.depthwise), [0, 0])
+        low_high[0] += not c.reducible
+        low_high[1] += 1
+    keys = list(kinds)
+    options: dict[tuple[int, bool], Option] = {}
+    for counts in itertools.product(*(range(kinds[k][0], kinds[k][1] + 1) for k in keys)):
+        if not any(counts):
+            continue
+        kernel = sum((k - 1) * n for (k, _), n in zip(keys, counts)) + 1
+        depthwise = all(dw for (_, dw), n in zip(keys, counts) if n)
+        options.setdefault((kernel, depthwise), Option(kernel, depthwise, tuple(zip(keys, counts))))
+    return [options[k] for k in sorted(options)]
