@@ -46,7 +46,7 @@ def test_segments_follow_the_reference_counts(arch_body):
 def test_mobilenetv2_residual_positions_are_the_reference_skips():
     b = body(create_model("mobilenetv2_100", 10))
     assert b.residuals == {5: 8, 11: 14, 14: 17, 20: 23, 23: 26, 26: 29, 32: 35, 35: 38, 41: 44, 44: 47}
-    assert [c.act for c in b.convs[:5]] == [True, False, True, True, False]  # linear bottlenecks at block ends
+    assert [c.act for c in b.convs[:5]] == ["relu6", "none", "relu6", "relu6", "none"]  # linear bottlenecks at block ends
 
 
 def test_every_segment_obeys_the_rules(arch_body):
@@ -82,7 +82,7 @@ def _random_body(rng: random.Random) -> Body:
         src = len(convs)
         for j in range(rng.randint(1, 3)):
             stride = 2 if rng.random() < 0.15 else 1
-            convs.append(BodyConv(block, j, rng.choice([1, 3]), stride, rng.random() < 0.3, (8, 8), True))
+            convs.append(BodyConv(block, j, rng.choice([1, 3]), stride, rng.random() < 0.3, (8, 8), "relu6"))
             if stride > 1:
                 breaks.add(len(convs))
         if rng.random() < 0.5 and len(convs) - src > 1:
@@ -165,7 +165,7 @@ def test_normalisations_by_hand():
 
 
 def test_segment_options_drop_only_reducible_convs():
-    b = Body((BodyConv(0, 0, 1, 1, False, (8, 16), True), BodyConv(0, 1, 3, 1, True, (16, 16), True),
-              BodyConv(0, 2, 1, 1, False, (16, 8), False)), {}, frozenset(), frozenset({3}))
+    b = Body((BodyConv(0, 0, 1, 1, False, (8, 16), "relu6"), BodyConv(0, 1, 3, 1, True, (16, 16), "relu6"),
+              BodyConv(0, 2, 1, 1, False, (16, 8), "none")), {}, frozenset(), frozenset({3}))
     options = segment_options(b, 0, 3)
     assert [(o.kernel, o.depthwise) for o in options] == [(1, False), (3, False)]  # the depthwise 3x3 may go

@@ -260,7 +260,17 @@ TABLE = [  # (header, column, digits, scale)
     ("rounds", "mpc_rounds", 0, 1), ("est. WAN s", "mpc_est_wan_s", 1, 1),
     ("CPU × dense", "cpu_speedup", 2, 1), ("GPU × dense", "gpu_speedup", 2, 1),
 ]
+RERUN_HEADER = "a rerun lands in (top-1 %)"
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+
+
+def _rerun_interval(row: pd.Series) -> str:
+    """The 95 % prediction interval for the mean top-1 of a rerun with as many seeds (``stats.prediction_interval``),
+    clipped to 0-100; empty with one seed."""
+    if row["n"] < 2 or pd.isna(row["top1_std"]):
+        return ""
+    lo, hi = prediction_interval(row["top1_mean"], row["top1_std"], int(row["n"]), int(row["n"]))
+    return f"{max(lo, 0.0):.2f}–{min(hi, 100.0):.2f}"
 PAIRED_MARKERS = ("<!-- paired-table:start -->", "<!-- paired-table:end -->")
 
 
@@ -274,15 +284,23 @@ def _machine(cells: pd.DataFrame) -> str:
 def render_table(cells: pd.DataFrame, date: str, commit: str | None) -> str:
     """The Markdown table of an aggregate (columns without values are left out) and its caption."""
     shown = [spec for spec in TABLE if f"{spec[1]}_mean" in cells and cells[f"{spec[1]}_mean"].notna().any()]
-    lines = ["| cell | n | " + " | ".join(h for h, *_ in shown) + " |", "|---" * (len(shown) + 2) + "|"]
+    rerun = bool((cells["n"] >= 2).any()) and "top1_std" in cells
+    headers = [h for h, *_ in shown]
+    if rerun:
+        headers.insert(1, RERUN_HEADER)
+    lines = ["| cell | n | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for _, row in cells.iterrows():
         name = f"{row['method']} {row['granularity']} {row['keep_ratio']:g}"
-        lines.append(f"| {name} | {row['n']} | " + " | ".join(_value(row, c, d, s) for _, c, d, s in shown) + " |")
+        values = [_value(row, c, d, s) for _, c, d, s in shown]
+        if rerun:
+            values.insert(1, _rerun_interval(row))
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(values) + " |")
     seeds = sorted({int(s) for text in cells["seeds"].dropna().astype(str) for s in text.split(",") if s})
     images = cells["test_images"].dropna() if "test_images" in cells else pd.Series(dtype=float)
     how = []
     if (cells["n"] >= 2).any():
-        how.append("n ≥ 2 seeds: mean ± half-width of the 95 % t-interval over seeds")
+        how.append("n ≥ 2 seeds: mean ± half-width of the 95 % t-interval over seeds; *a rerun lands in*: the "
+                   "95 % prediction interval for the mean top-1 of a rerun with as many seeds (on another machine)")
     if (cells["n"] < 2).any():
         how.append("n = 1: top-1 (95 % Wilson interval of the held-out count), timings median (IQR of the repeats)")
     held_out = f"; {int(images.iloc[0])} held-out images (one is {100 / images.iloc[0]:.2g} % top-1)" if len(images) \

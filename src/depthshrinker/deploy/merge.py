@@ -86,10 +86,11 @@ def compose(a: Conv, b: Conv, where: str = "") -> Conv:
     return Conv(spec, weight.contiguous(), bias)
 
 
-def fold_residual(conv: Conv, shortcut: Conv | None = None) -> bool:
-    """Add the shortcut (None: the identity) into a block's one conv at kernel offset P (module docstring); False
-    where the conv has an activation or does not read the shortcut's pixel at a kernel tap."""
-    s, p = conv.spec, conv.spec["padding"]
+def fold_residual(conv: Conv, shortcut: Conv | None = None, offset: int | None = None) -> bool:
+    """Add the shortcut (None: the identity) into a block's one conv at kernel offset P (module docstring; its
+    padding unless ``offset`` is given: a pad-first segment's block, whose padding moved to the segment's front);
+    False where the conv has an activation or does not read the shortcut's pixel at a kernel tap."""
+    s, p = conv.spec, conv.spec["padding"] if offset is None else offset
     stride = shortcut.spec["stride"] if shortcut else 1
     if s["act"] != "none" or s["stride"] != stride or not 0 <= p < s["kernel"]:
         return False

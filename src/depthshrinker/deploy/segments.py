@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from depthshrinker.nets.ir import extract
-from depthshrinker.nets.plain import layout
+from depthshrinker.nets.ir import Net, extract
+from depthshrinker.nets.plain import Layout, act_spec, layout
 
 __all__ = ["BodyConv", "Body", "body", "valid_segments", "segment_options", "Option"]
 
@@ -36,14 +36,15 @@ __all__ = ["BodyConv", "Body", "body", "valid_segments", "segment_options", "Opt
 @dataclass(frozen=True)
 class BodyConv:
     """One conv of the body: where it is in the deploy form (``block``, ``index`` into its convs), its shape, and
-    whether the dense network has an activation after it (``act``; at a block end: after the residual add)."""
+    the activation after it in the dense network (``act``: relu, relu6 or none; at a residual block's end: the
+    one after the add)."""
     block: int
     index: int
     kernel: int
     stride: int
     depthwise: bool
     channels: tuple[int, int]
-    act: bool
+    act: str
 
     @property
     def reducible(self) -> bool:
@@ -67,11 +68,11 @@ class Body:
         return self.convs[s].block != self.convs[e - 1].block
 
 
-def body(model: nn.Module) -> Body:
+def body(model: nn.Module, net: Net | None = None, lay: Layout | None = None) -> Body:
     """The body of ``model`` (module docstring): the convs of the blocks that are activation units of their own
     (not the stem or head), in forward order."""
-    net = extract(model)
-    lay = layout(model, net)
+    net = net or extract(model)
+    lay = lay or layout(model, net)
     unit_blocks = {u.block for u in net.units("block") if u.block is not None}
     convs, residuals, breaks, ends = [], {}, set(), set()
     inside = [i for i, b in enumerate(lay.blocks) if b.name in unit_blocks]
@@ -86,7 +87,7 @@ def body(model: nn.Module) -> Body:
         for j, c in enumerate(block.convs):
             spec = c.spec()
             last = j == len(block.convs) - 1
-            act = c.act is not None if not (last and block.residual) else block.free_act is not None
+            act = act_spec(c.act if not (last and block.residual) else block.free_act)["act"]
             convs.append(BodyConv(i, j, spec["kernel"], spec["stride"], spec["groups"] == spec["in"] > 1,
                                   (spec["in"], spec["out"]), act))
         for j, c in enumerate(convs[src:], start=src + 1):
