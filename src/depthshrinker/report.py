@@ -262,6 +262,7 @@ TABLE = [  # (header, column, digits, scale)
 ]
 RERUN_HEADER = "a rerun lands in (top-1 %)"
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+PAIRED_MARKERS = ("<!-- paired-table:start -->", "<!-- paired-table:end -->")
 
 
 def _rerun_interval(row: pd.Series) -> str:
@@ -271,7 +272,6 @@ def _rerun_interval(row: pd.Series) -> str:
         return ""
     lo, hi = prediction_interval(row["top1_mean"], row["top1_std"], int(row["n"]), int(row["n"]))
     return f"{max(lo, 0.0):.2f}–{min(hi, 100.0):.2f}"
-PAIRED_MARKERS = ("<!-- paired-table:start -->", "<!-- paired-table:end -->")
 
 
 def _machine(cells: pd.DataFrame) -> str:

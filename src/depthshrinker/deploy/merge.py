@@ -40,7 +40,7 @@ from depthshrinker.nets.plain import PlainNet, layout, to_plain
 from depthshrinker.nets.registry import create_model
 from depthshrinker.nets.units import activation_units
 
-__all__ = ["PATTERNS", "Conv", "candidate_segments", "compose", "conv_layers", "export_onnx", "fold_residual",
+__all__ = ["PATTERNS", "Conv", "build_plain", "candidate_segments", "compose", "conv_layers", "export_onnx", "fold_residual",
            "head_input", "held_out_images", "merge_checkpoint", "merge_pattern", "merge_plain", "onnx_max_abs_err"]
 
 # Upstream MobileNetV2-1.4 keep-lists (19 block units, 1 = keep the activation); F keeps the stem and head only.
@@ -133,13 +133,20 @@ def merge_plain(net: PlainNet, policy: str | dict | None = None, latency: dict |
             bspec.pop("shortcut", None)
         merged_convs.append(merged + ([shortcut] if shortcut and not folded else []))
     spec["merge"] = {"policy": plan["policy"], "plan": [b["segments"] for b in plan["blocks"]]}
-    out = PlainNet(spec).to(next(net.parameters()))
-    for block, convs in zip(out.blocks, merged_convs):
+    return build_plain(spec, merged_convs, net.classifier)
+
+
+@torch.no_grad()
+def build_plain(spec: dict, convs: list[list[Conv]], classifier: nn.Linear) -> PlainNet:
+    """The PlainNet of ``spec`` with each block's convs (then its shortcut) from ``convs`` and ``classifier``'s
+    weights, on the classifier's device and dtype."""
+    out = PlainNet(spec).to(classifier.weight)
+    for block, block_convs in zip(out.blocks, convs, strict=True):
         targets = [*block.convs, *([block.shortcut] if hasattr(block, "shortcut") else [])]
-        for target, conv in zip(targets, convs, strict=True):
+        for target, conv in zip(targets, block_convs, strict=True):
             target.weight.copy_(conv.weight)
             target.bias.copy_(conv.bias)
-    out.classifier.load_state_dict(net.classifier.state_dict())
+    out.classifier.load_state_dict(classifier.state_dict())
     return out.eval()
 
 

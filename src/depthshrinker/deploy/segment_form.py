@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from depthshrinker.base.config import ConfigError
-from depthshrinker.deploy.merge import Conv, compose, fold_residual
+from depthshrinker.deploy.merge import Conv, build_plain, compose, fold_residual
 from depthshrinker.deploy.segments import Body, body, valid_segments
 from depthshrinker.nets.chain import ChainNet
 from depthshrinker.nets.gates import replace_act
@@ -80,12 +80,11 @@ def _merged(chain: ChainNet, lay, s: int, e: int) -> Conv:
     b, items, p = chain.body, [], s
     while p < e:
         block = lay.blocks[b.convs[p].block]
-        src = next((r for r, t in b.residuals.items() if r == p and t <= e), None)
-        if src is None:
+        tgt = b.residuals.get(p)
+        if tgt is None or tgt > e:  # a conv of its own, not a residual block the segment swallows
             items.append(_folded(block.convs[b.convs[p].index]))
             p += 1
             continue
-        tgt = b.residuals[src]
         merged = functools.reduce(functools.partial(compose, where=f"segment ({s}, {e})"),
                                   [_folded(c) for c in block.convs])
         shortcut = _folded(block.shortcut) if block.shortcut else None
@@ -151,11 +150,4 @@ def merge_segments(chain: ChainNet) -> PlainNet:
     spec = {"kind": "plain", "num_classes": classifier.out_features, "blocks": [bs for bs, _ in blocks],
             "classifier": {"in": classifier.in_features, "out": classifier.out_features},
             "segments": [list(seg) for seg in chain.segments]}
-    out = PlainNet(spec).to(classifier.weight)
-    for target, (_, convs) in zip(out.blocks, blocks):
-        modules = [*target.convs, *([target.shortcut] if hasattr(target, "shortcut") else [])]
-        for module, conv in zip(modules, convs, strict=True):
-            module.weight.copy_(conv.weight)
-            module.bias.copy_(conv.bias)
-    out.classifier.load_state_dict(classifier.state_dict())
-    return out.eval()
+    return build_plain(spec, [convs for _, convs in blocks], classifier)

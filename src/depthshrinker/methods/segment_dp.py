@@ -63,10 +63,10 @@ def extended_importance(importance: dict[tuple[int, int, int, int], float]) -> d
 
 
 def best_path(edges: Iterable[tuple[Hashable, Hashable, float, float, Hashable]], start: Hashable,
-              ends: Iterable[Hashable], budget: float, order) -> tuple[float, float, list]:
+              ends: Iterable[Hashable], budget: float) -> tuple[float, float, list]:
     """The path from ``start`` to one of ``ends`` with the largest Σ importance and Σ latency ≤ ``budget`` over
-    ``edges`` (from, to, latency ≥ 0, importance, label), states visited in ``order`` (a key: every edge goes
-    forward in it); returns (importance, latency, labels); ties go to the lower latency. Raises ValueError when no
+    ``edges`` (from, to, latency ≥ 0, importance, label), states visited in sorted order (every edge goes forward
+    in it: states are positions, or (position, activation kept)); returns (importance, latency, labels); ties go to the lower latency. Raises ValueError when no
     path fits."""
     limit = budget * (1 + TOLERANCE) + TOLERANCE
     incoming: dict[Hashable, list] = {}
@@ -75,7 +75,7 @@ def best_path(edges: Iterable[tuple[Hashable, Hashable, float, float, Hashable]]
         incoming.setdefault(edge[1], []).append(edge)
         states.update(edge[:2])
     fronts: dict[Hashable, list[tuple[float, float, tuple]]] = {start: [(0.0, 0.0, ())]}
-    for state in sorted(states - {start}, key=order):
+    for state in sorted(states - {start}):
         grown = sorted(((t + lat, imp + i, labels + (label,))
                         for src, _, lat, i, label in incoming.get(state, ())
                         for t, imp, labels in fronts.get(src, ()) if t + lat <= limit), key=lambda c: (c[0], -c[1]))
@@ -102,7 +102,7 @@ def kim_dp(latency: dict[tuple[int, int], float], importance: dict[tuple[int, in
     ext = extended_importance(importance)
     edges = [((s, a), (e, b), split[s, e][0], value, (s, e, a, b)) for (s, e, a, b), value in ext.items()
              if (s, e) in split]
-    imp, t, spans = best_path(edges, (0, 1), [(length, 0), (length, 1)], budget, order=lambda st: st)
+    imp, t, spans = best_path(edges, (0, 1), [(length, 0), (length, 1)], budget)
     return {"spans": spans, "acts": sorted(e for _, e, _, b in spans if b),
             "merges": sorted({p for s, e, _, _ in spans for p in split[s, e][1]}), "importance": imp, "latency": t}
 
@@ -112,5 +112,5 @@ def layermerge_dp(entries: dict[tuple[int, int, Hashable], tuple[float, float]],
     layer-pruning options, over body positions ``0..length``. Returns the chosen (s, e, option) and Σ importance /
     Σ latency."""
     edges = [(s, e, lat, imp, (s, e, option)) for (s, e, option), (lat, imp) in entries.items()]
-    imp, t, chosen = best_path(edges, 0, [length], budget, order=lambda st: st)
+    imp, t, chosen = best_path(edges, 0, [length], budget)
     return {"segments": chosen, "importance": imp, "latency": t}

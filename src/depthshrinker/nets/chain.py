@@ -48,6 +48,7 @@ class ChainNet(nn.Module):
                 convs.append((paths[id(c.conv)] if c.conv is not None else c.pool, bn, act))
             shortcut = (paths[id(block.shortcut.conv)], paths.get(id(block.shortcut.bn))) if block.shortcut else None
             self.blocks.append({"convs": convs, "residual": block.residual, "shortcut": shortcut,
+                                "stride": block.shortcut.conv.stride[0] if block.shortcut else 1,
                                 "free_act": self._act(block.free_id, block.free_act, paths),
                                 "pool": block.name if block.pool else None})
         self.classifier = paths[id(lay.classifier)]
@@ -79,8 +80,7 @@ class ChainNet(nn.Module):
                 y = self._run(act, self._run(bn, self._run(conv, y)))
             if block["residual"]:
                 shortcut = block["shortcut"]
-                stride = self.model.get_submodule(shortcut[0]).stride[0] if shortcut else 1
-                skip = fit(x, y.shape[-2:]) if stride == 1 else x
+                skip = fit(x, y.shape[-2:]) if block["stride"] == 1 else x
                 y = y + (self._run(shortcut[1], self._run(shortcut[0], skip)) if shortcut else skip)
             y = self._run(block["free_act"], y)
             x = self.added_acts[str(i)](y) if str(i) in self.added_acts else y
