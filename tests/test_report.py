@@ -202,9 +202,9 @@ def test_row_from_malformed_metrics_names_the_file(tmp_path):
 
 def test_compare_pairs_by_seed_number_with_a_t_interval_and_a_verdict(tmp_path):
     rows = pd.DataFrame([
-        {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 0, "top1": 90.0, "mpc_rounds": 160},
-        {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 1, "top1": 80.0, "mpc_rounds": 150},
-        {"method": "depthdp", "granularity": "merge", "keep_ratio": 0.4, "seed": 2, "top1": 85.0, "mpc_rounds": 150},
+        {"method": "depthdp", "granularity": "segment", "keep_ratio": 0.4, "seed": 0, "top1": 90.0, "mpc_rounds": 160},
+        {"method": "depthdp", "granularity": "segment", "keep_ratio": 0.4, "seed": 1, "top1": 80.0, "mpc_rounds": 150},
+        {"method": "depthdp", "granularity": "segment", "keep_ratio": 0.4, "seed": 2, "top1": 85.0, "mpc_rounds": 150},
         {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, "seed": 1, "top1": 84.0,
          "mpc_rounds": 170},
         {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, "seed": 0, "top1": 92.0,
@@ -213,15 +213,15 @@ def test_compare_pairs_by_seed_number_with_a_t_interval_and_a_verdict(tmp_path):
         {"method": "snl", "granularity": "pixel", "keep_ratio": 0.4, "seed": 1, "top1": 82.0, "mpc_rounds": 369},
     ])
     rows.to_csv(tmp_path / "s.csv", index=False)
-    text = compare(tmp_path / "s.csv", [("depthdp/merge", "depthshrinker/block"), ("depthshrinker/block", "snl/pixel")],
+    text = compare(tmp_path / "s.csv", [("depthdp/segment", "depthshrinker/block"), ("depthshrinker/block", "snl/pixel")],
                    tmp_path / "c.md")
     lines = text.splitlines()
     assert (tmp_path / "c.md").read_text() == text
     # seeds matched by number, not row order, and only the seeds both ran (depthdp's seed 2 has no partner);
     # mean ± t(0.975, 1) · s / √2 = 12.706 · s / √2
-    assert lines[2] == "| 0.4 | depthdp/merge − depthshrinker/block | top1 | -2, -4 | -3 | [-15.7, +9.71] | " \
+    assert lines[2] == "| 0.4 | depthdp/segment − depthshrinker/block | top1 | -2, -4 | -3 | [-15.7, +9.71] | " \
                        "no detectable difference |"  # s = √2
-    assert lines[3] == "| 0.4 | depthdp/merge − depthshrinker/block | mpc_rounds | -10, -20 | -15 | [-78.5, +48.5] | " \
+    assert lines[3] == "| 0.4 | depthdp/segment − depthshrinker/block | mpc_rounds | -10, -20 | -15 | [-78.5, +48.5] | " \
                        "no detectable difference |"  # s = √50
     assert lines[5].endswith("| mpc_rounds | -199, -199 | -199 | [-199, -199] | depthshrinker/block better |")
     with pytest.raises(ConfigError, match="no rows of 'snl/channel'"):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from depthshrinker.base.config import ConfigError
-from depthshrinker.deploy.segment_form import merge_segments, segment_form
+from depthshrinker.deploy.merge import merge_segments
+from depthshrinker.deploy.segment_form import segment_form
 from depthshrinker.deploy.segments import body, valid_segments
 from depthshrinker.nets.chain import ChainNet
 from depthshrinker.nets.registry import create_model

@@ -122,21 +122,23 @@ def test_dps_equal_brute_force(seed):
         for a, z in itertools.product(starts, finals):
             importance[s, e, a, z] = rng.uniform(-2.0, 1.0)
     ext = extended_importance(importance)
-    budget = rng.uniform(0.3, 1.0) * sum(split[s, e][0] for s, e in _partitions(set(segs), 0, n).__next__())
+    act_latency = {p: rng.uniform(0.0, 1.0) for p in range(1, n + 1)}  # keeping an activation costs (MPC)
+    budget = rng.uniform(0.3, 1.0) * sum(split[s, e][0] + act_latency[e]
+                                         for s, e in _partitions(set(segs), 0, n).__next__())
     best = (-math.inf, 0.0)
     for part in _partitions(set(segs), 0, n):
         for acts in itertools.product([0, 1], repeat=len(part)):
             chain = [1, *acts]
             keys = [(s, e, chain[i], chain[i + 1]) for i, (s, e) in enumerate(part)]
             if all(k in ext for k in keys):
-                t = sum(split[s, e][0] for s, e in part)
+                t = sum(split[s, e][0] + act_latency[e] * z for s, e, _, z in keys)
                 if t <= budget * (1 + 1e-9):
                     best = max(best, (sum(ext[k] for k in keys), -t))
     if best[0] == -math.inf:
         with pytest.raises(ValueError, match="no choice fits"):
-            kim_dp(latency, importance, n, budget)
+            kim_dp(latency, importance, n, budget, act_latency)
     else:
-        got = kim_dp(latency, importance, n, budget)
+        got = kim_dp(latency, importance, n, budget, act_latency)
         assert (got["importance"], got["latency"]) == pytest.approx((best[0], -best[1]))
         assert [s for s, *_ in got["spans"]][0] == 0 and got["spans"][-1][1] == n
     # LayerMerge: every option of every segment

@@ -125,21 +125,21 @@ def cmd_cost_table(args):
 def cmd_latency_table(args):
     from depthshrinker.methods.depthdp import latency_table
 
-    return {"options": len(latency_table(_config(args), args.target, args.out)), "out": args.out}
+    return {"rows": len(latency_table(_config(args), args.target, args.out)), "out": args.out}
 
 
 def cmd_importance(args):
     from depthshrinker.methods.depthdp import importance
 
-    return importance(_config(args), args.dense, args.block, args.out)
+    return importance(_config(args), args.dense, args.entry, args.out, args.rep)
 
 
 def cmd_depthdp(args):
     from depthshrinker.methods.depthdp import plan
 
-    mask = plan(_config(args), args.keep, args.latency, args.reference, args.blocks, args.out, args.match)
-    return {"num_kept": mask["num_kept"], "num_units": mask["num_units"],
-            **{k: v for k, v in mask["dp"].items() if k != "options"}}
+    mask = plan(_config(args), args.keep, args.latency, args.entries, args.out, args.match, args.retest)
+    return {"num_segments": mask["num_segments"], "num_acts": mask["num_acts"],
+            **{k: v for k, v in mask["dp"].items() if k != "spans"}}
 
 
 def cmd_profile(args):
@@ -272,20 +272,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--granularity", choices=["block", "layer"], default="block")
     s.add_argument("--out", required=True)
     s = add("latency-table", cmd_latency_table,
-            "depthdp latency table: every block option as deployed (mpc cost model; cpu, gpu measured)")
+            "depthdp latency table (Kim et al.): every valid merge segment and kept activation (mpc cost model)")
     s.add_argument("--target", choices=["cpu", "gpu", "mpc"], required=True)
     s.add_argument("--out", required=True, help="CSV to write")
-    s = add("importance", cmd_importance, "depthdp importance of one block's options (selection split)")
+    s = add("importance", cmd_importance, "depthdp importance of one extended segment (selection split)")
     s.add_argument("--dense", required=True, help="dense checkpoint")
-    s.add_argument("--block", required=True, help="PlainNet block index, or 'dense' for the reference")
+    s.add_argument("--entry", required=True, help="extended segment s-e-a-b (body positions, activations kept)")
+    s.add_argument("--rep", type=int, default=0, help="1: the retest (adaptation seed + 1000)")
     s.add_argument("--out", required=True, help="JSON to write")
-    s = add("depthdp", cmd_depthdp, "depthdp: solve the DP under the budget and write the mask JSON")
+    s = add("depthdp", cmd_depthdp, "depthdp: Kim et al.'s DP under the budget; writes the mask JSON")
     s.add_argument("--keep", type=float, required=True, help="budget: fraction of the dense latency, or the "
-                   "DepthShrinker keep ratio whose mask (--match) sets it")
+                   "DepthShrinker keep ratio whose merged network (--match) sets it")
     s.add_argument("--latency", required=True, help="latency table CSV from `latency-table`")
-    s.add_argument("--reference", required=True, help="importance JSON of the dense reference (--block dense)")
-    s.add_argument("--blocks", nargs="+", required=True, help="importance JSON of every block")
-    s.add_argument("--match", default=None, help="DepthShrinker mask JSON whose latency is the budget")
+    s.add_argument("--entries", nargs="+", required=True, help="importance JSON of every extended segment")
+    s.add_argument("--retest", nargs="*", default=None, help="the same entries measured again (--rep 1)")
+    s.add_argument("--match", default=None, help="merged DepthShrinker checkpoint whose latency is the budget")
     s.add_argument("--out", required=True, help="mask JSON to write")
     s = add("profile", cmd_profile, "top-1, params, MACs and nonlinear counts of a cell's model")
     s.add_argument("--model", required=True)

@@ -31,7 +31,7 @@ GRID = config["grid"]
 
 wildcard_constraints:  # only the values the config asks for: a mistyped target fails at once, naming no job
     method="dense|depthshrinker|snl|uniform|metapruning|depthdp",
-    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params|merge",
+    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params|segment",
     keep=_keeps({1.0, *GRID["depthshrinker"]["keep"], *GRID["snl"]["keep"], *GRID["uniform"]["width"],
                  *GRID["metapruning"]["match"], *GRID["depthdp"]["keep"]}),
     seed="|".join(str(s) for s in SEEDS),
@@ -145,29 +145,34 @@ def searched(wildcards):
 
 
 @functools.cache
-def option_blocks():
-    """PlainNet blocks of the configured model that have activations (each an importance job); built once."""
-    from depthshrinker.methods.depthdp import block_options
+def depthdp_entries():
+    """The extended segments of the configured model (each an importance job), as s-e-a-b; built once."""
+    from depthshrinker.deploy.segments import body
+    from depthshrinker.methods.depthdp import entries, entry_key
     from depthshrinker.nets.registry import create_model
 
     model = create_model(config["model"]["arch"], 10, config["model"]["small_input"])
-    return [block for block, _, _ in block_options(model)]
+    return [entry_key(e) for e in entries(body(model), config["depthdp"]["add_relu"])]
 
 
-def importance_blocks(wildcards):
-    return [f"{RESULTS}/depthdp/importance/seed{wildcards.seed}/{block}.json" for block in option_blocks()]
+def importance_entries(rep):
+    """Input function: every importance report of the cell's seed (``rep`` 1: the retest, first seed only)."""
+
+    def files(wildcards):
+        if rep and not (config["depthdp"]["retest"] and int(wildcards.seed) == SEEDS[0]):
+            return []
+        return [f"{RESULTS}/depthdp/importance/seed{wildcards.seed}/rep{rep}/{e}.json" for e in depthdp_entries()]
+
+    return files
 
 
-def matched_mask(wildcards):
-    """The DepthShrinker block cell whose mask's latency is the budget (``depthdp.budget: match``)."""
+def matched_network(wildcards):
+    """The DepthShrinker block cell whose deployed network's latency is the budget (``depthdp.budget: match``)."""
     if config["depthdp"]["budget"] != "match":
         return []
-    return f"{RESULTS}/depthshrinker/block/{wildcards.keep}/seed{wildcards.seed}/mask.json"
+    return f"{RESULTS}/depthshrinker/block/{wildcards.keep}/seed{wildcards.seed}/merged.pt"
 
 
 def latency_of_target(wildcards):
-    """The depthdp latency table of the deploy target."""
-    target = config["stages"]["search"]["latency_target"]
-    if target == "none":
-        raise ValueError("depthdp needs stages.search.latency_target cpu, gpu or mpc (its latency table)")
-    return f"{RESULTS}/latency/{target}-options.csv"
+    """The depthdp latency table of the deploy target (the MPC cost model)."""
+    return f"{RESULTS}/latency/mpc-segments.csv"

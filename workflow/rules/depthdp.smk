@@ -1,25 +1,22 @@
-# depthdp cells (Kim et al., ICML 2023): the latency table of every block option, the importance table (one job
-# per block, so it fans out and an interrupted table resumes where it stopped), then the DP writes the cell's
-# mask.json; finetune, merge, benchmarks and row are a DepthShrinker cell's. Input functions: common.smk.
-IMPORTANCE = f"{RESULTS}/depthdp/importance/seed{{seed}}"
+# depthdp cells (Kim et al., ICML 2023, as the authors run it): the latency table of every merge segment, the
+# importance of every extended segment (one job each, so the table fans out over cores and cluster nodes and an
+# interrupted table resumes where it stopped), then the DP writes the cell's mask.json; finetune (in the segment
+# form), merge, benchmarks and row are a DepthShrinker cell's. Input functions: common.smk.
+IMPORTANCE = f"{RESULTS}/depthdp/importance/seed{{seed}}/rep{{rep}}"
 
 
 rule latency_table:
     output:
-        f"{RESULTS}/latency/{{target}}-options.csv",
+        f"{RESULTS}/latency/{{target}}-segments.csv",
     log:
-        f"{RESULTS}/latency/logs/{{target}}-options.log",
-    benchmark:
-        f"{RESULTS}/latency/benchmarks/{{target}}-options.tsv"
+        f"{RESULTS}/latency/logs/{{target}}-segments.log",
     wildcard_constraints:
-        target="cpu|gpu|mpc",
+        target="mpc",
     params:
         config=reads("latency-table"),
         argv=lambda w, output: ["latency-table", "--target", w.target, "--out", output[0]],
-    threads: lambda w: 1 if w.target == "mpc" else all_cores(w)  # measured tables time alone
     resources:
-        gpu=lambda w: int(w.target == "gpu"),
-        **resources("bench"),
+        **resources("light"),
     conda:
         ENV
     script:
@@ -30,16 +27,18 @@ rule importance:
     input:
         dense=DENSE,
     output:
-        f"{IMPORTANCE}/{{block}}.json",
+        f"{IMPORTANCE}/{{entry}}.json",
     log:
-        f"{IMPORTANCE}/logs/{{block}}.log",
+        f"{IMPORTANCE}/logs/{{entry}}.log",
     benchmark:
-        f"{IMPORTANCE}/benchmarks/{{block}}.tsv"
+        f"{IMPORTANCE}/benchmarks/{{entry}}.tsv"
     wildcard_constraints:
-        block=r"dense|\d+",
+        entry=r"\d+-\d+-[01]-[01]",
+        rep="0|1",
     params:
         config=reads("importance"),
-        argv=lambda w, input, output: ["importance", "--dense", input.dense, "--block", w.block, "--out", output[0]],
+        argv=lambda w, input, output: ["importance", "--dense", input.dense, "--entry", w.entry, "--rep", w.rep,
+                                       "--out", output[0]],
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -53,9 +52,9 @@ rule importance:
 rule depthdp:
     input:
         latency=latency_of_target,
-        reference=f"{IMPORTANCE}/dense.json",
-        blocks=importance_blocks,
-        match=matched_mask,
+        entries=importance_entries(0),
+        retest=importance_entries(1),
+        match=matched_network,
     output:
         mask=f"{CELL}/mask.json",
     log:
@@ -64,9 +63,9 @@ rule depthdp:
         method="depthdp",
     params:
         config=reads("depthdp"),
-        argv=lambda w, input, output: ["depthdp", "--keep", w.keep, "--latency", input.latency, "--reference",
-                                       input.reference, "--blocks", *input.blocks, "--out", output.mask]
-        + (["--match", input.match] if input.match else []),
+        argv=lambda w, input, output: ["depthdp", "--keep", w.keep, "--latency", input.latency, "--entries",
+                                       *input.entries, "--out", output.mask]
+        + (["--retest", *input.retest] if input.retest else []) + (["--match", input.match] if input.match else []),
     resources:
         **resources("light"),
     conda:

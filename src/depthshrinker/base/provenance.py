@@ -27,10 +27,10 @@ READS: dict[str, tuple[str, ...]] = {
     "search": (*_TRAIN, "stages.search"),  # DepthShrinker's and SNL's channel/pixel searches do not distil
     "search-distilled": (*_TRAIN, "stages.search", "stages.distill"),  # SNL element
     "extract": (),
-    "latency-table": ("data.image_size", "data.batch_size", "model", *_MERGE_PLAN),  # a 10-class head, as above
-    "importance": (*_TRAIN, *_MERGE_PLAN, "stages.finetune.lr", "depthdp.adapt_steps", "depthdp.adapt_lr",
-                   "depthdp.holdout_images", "depthdp.calibration_batches"),
-    "depthdp": ("model", "stages.search.latency_target", "depthdp.budget", "depthdp.importance"),
+    "latency-table": ("data.image_size", "model.arch", "model.small_input", "mpc.network", "depthdp.added_act"),
+    "importance": (*_TRAIN, "stages.finetune", "stages.distill", "depthdp.epochs", "depthdp.lr", "depthdp.add_relu",
+                   "depthdp.added_act"),
+    "depthdp": ("data.image_size", "model.arch", "model.small_input", "mpc.network", "depthdp"),
     "finetune": (*_TRAIN, "model.free_act", "stages.search.latency_target", "stages.finetune", "stages.distill",
                  "mpc.network"),
     "merge": ("seed", "data", *_MERGE_PLAN),

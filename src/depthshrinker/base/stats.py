@@ -1,5 +1,6 @@
 """95 % intervals for the aggregate table: Wilson's score interval for a top-1 measured on one held-out split,
-Student's t-interval for a mean over seeds (Wilson 1927; any statistics text for the t-interval)."""
+Student's t-interval for a mean over seeds (Wilson 1927; any statistics text for the t-interval), and a rank
+correlation for test-retest."""
 from __future__ import annotations
 
 import math
@@ -36,3 +37,9 @@ def prediction_interval(mean: float, std: float, n: int, m: int, level: float = 
         raise ValueError(f"prediction_interval: needs at least 2 replicates (got {n})")
     half = stats.t.ppf(0.5 + level / 2, n - 1) * std * math.sqrt(1 / n + 1 / m)
     return float(mean - half), float(mean + half)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of paired values (ties get their mean rank): how well a test and its retest
+    order the same items."""
+    return float(stats.spearmanr(a, b).statistic)

@@ -36,12 +36,14 @@ from depthshrinker.base.data import build_datasets
 from depthshrinker.deploy.load import load_model
 from depthshrinker.deploy.plan import apply_keep, candidate_segments, composed_spec, merge_policy, plan_merges
 from depthshrinker.nets.counting import profile
-from depthshrinker.nets.plain import PlainNet, layout, to_plain
+from depthshrinker.nets.chain import ChainNet
+from depthshrinker.nets.plain import LayoutConv, PlainNet, layout, to_plain
 from depthshrinker.nets.registry import create_model
 from depthshrinker.nets.units import activation_units
 
 __all__ = ["PATTERNS", "Conv", "build_plain", "candidate_segments", "compose", "conv_layers", "export_onnx", "fold_residual",
-           "head_input", "held_out_images", "merge_checkpoint", "merge_pattern", "merge_plain", "onnx_max_abs_err"]
+           "head_input", "held_out_images", "merge_checkpoint", "merge_pattern", "merge_plain", "merge_segments",
+           "onnx_max_abs_err"]
 
 # Upstream MobileNetV2-1.4 keep-lists (19 block units, 1 = keep the activation); F keeps the stem and head only.
 PATTERNS: dict[str, list[int]] = {
@@ -150,6 +152,97 @@ def build_plain(spec: dict, convs: list[list[Conv]], classifier: nn.Linear) -> P
     return out.eval()
 
 
+def _folded(c: LayoutConv) -> Conv:
+    weight, bias = c.folded()
+    return Conv({**c.spec(), "act": "none"}, weight.to(torch.float64), bias.to(torch.float64))
+
+
+def _merged(chain: ChainNet, lay, s: int, e: int) -> Conv:
+    """Segment ``(s, e)`` as one float64 conv: swallowed residual blocks first, shortcut at the kernel centre."""
+    b, items, p = chain.body, [], s
+    while p < e:
+        block = lay.blocks[b.convs[p].block]
+        tgt = b.residuals.get(p)
+        if tgt is None or tgt > e:  # a conv of its own, not a residual block the segment swallows
+            items.append(_folded(block.convs[b.convs[p].index]))
+            p += 1
+            continue
+        merged = functools.reduce(functools.partial(compose, where=f"segment ({s}, {e})"),
+                                  [_folded(c) for c in block.convs])
+        shortcut = _folded(block.shortcut) if block.shortcut else None
+        if not fold_residual(merged, shortcut, offset=(merged.spec["kernel"] - 1) // 2):
+            raise ConfigError(f"segments: ({s}, {e}) cannot fold the shortcut of block {block.name}")
+        items.append(merged)
+        p = tgt
+    return functools.reduce(functools.partial(compose, where=f"segment ({s}, {e})"), items)
+
+
+def _act_at(chain: ChainNet, p: int) -> str:
+    """The activation the deployed network has at body position ``p``."""
+    if p not in chain.acts:
+        return "none"
+    kind = chain.body.convs[p - 1].act
+    return chain.added if kind == "none" else kind
+
+
+def _outside(block) -> tuple[dict, list[Conv]]:
+    """A block outside the body as it stands: its spec and its convs and shortcut, BN folded."""
+    convs = [_folded(c) for c in block.convs] + ([_folded(block.shortcut)] if block.shortcut else [])
+    return {**block.spec(), "merged_from": [[j] for j in range(len(block.convs))]}, convs
+
+
+@torch.no_grad()
+def merge_segments(chain: ChainNet) -> PlainNet:
+    """The PlainNet of a ``segment_form`` network (Kim et al.'s segments), the same function in eval mode: each
+    segment one conv (BN folded; a residual block it swallows merged first, its shortcut folded at the block
+    kernel's centre, then composed with its neighbours); a residual block with a segment boundary inside stays a
+    residual block of its segments' convs. Each block's ``merged_from`` lists per conv the body positions it
+    merges (``[[j]]`` per conv outside the body, as ``merge_plain``)."""
+    b = chain.body
+    lay = layout(chain.model)
+    span: dict[int, list[int]] = {}
+    for p, c in enumerate(b.convs):
+        span.setdefault(c.block, [p, p + 1])[1] = p + 1
+    first, last = b.convs[0].block, b.convs[-1].block
+    start_of = {s: (s, e) for s, e in chain.segments}
+    blocks: list[tuple[dict, list[Conv]]] = [_outside(block) for block in lay.blocks[:first]]
+    p = 0
+    for i in range(first, last + 1):
+        block = lay.blocks[i]
+        if block.pool:
+            blocks.append(_outside(block))
+            continue
+        src, tgt = span[i]
+        if p >= tgt:  # swallowed by a segment that started before it
+            continue
+        if block.residual and start_of[src][1] < tgt:  # a boundary inside: stays a residual block of its segments
+            convs, merged_from = [], []
+            while p < tgt:
+                s, e = start_of[p]
+                convs.append(_merged(chain, lay, s, e))
+                convs[-1].spec["act"] = _act_at(chain, e) if e < tgt else "none"
+                merged_from.append(list(range(s + 1, e + 1)))
+                p = e
+            shortcut = [_folded(block.shortcut)] if block.shortcut else []
+            blocks.append(({"convs": [c.spec for c in convs], "residual": True, "free_act": _act_at(chain, tgt),
+                            "merged_from": merged_from, **({"shortcut": shortcut[0].spec} if shortcut else {})},
+                           convs + shortcut))
+            continue
+        while p < tgt:
+            s, e = start_of[p]
+            conv = _merged(chain, lay, s, e)
+            conv.spec["act"] = _act_at(chain, e)
+            blocks.append(({"convs": [conv.spec], "residual": False, "free_act": "none",
+                            "merged_from": [list(range(s + 1, e + 1))]}, [conv]))
+            p = e
+    blocks += [_outside(block) for block in lay.blocks[last + 1:]]
+    classifier = lay.classifier
+    spec = {"kind": "plain", "num_classes": classifier.out_features, "blocks": [bs for bs, _ in blocks],
+            "classifier": {"in": classifier.in_features, "out": classifier.out_features},
+            "merge": {"policy": {"name": "segments"}, "segments": [list(seg) for seg in chain.segments]}}
+    return build_plain(spec, [convs for _, convs in blocks], classifier)
+
+
 def _float64(spec: dict, module: nn.Conv2d) -> Conv:
     return Conv(spec, module.weight.to(torch.float64, copy=True), module.bias.to(torch.float64, copy=True))
 
@@ -166,8 +259,9 @@ def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(model, PlainNet):
         head = model.blocks[-1]
     else:
-        last = layout(model).blocks[-1]
-        head = last.convs[0].conv if last.convs else model.get_submodule(last.name)
+        inner = model.model if isinstance(model, ChainNet) else model
+        last = layout(inner).blocks[-1]
+        head = last.convs[0].conv if last.convs else inner.get_submodule(last.name)
     seen = []
     handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     try:
@@ -182,10 +276,15 @@ def _merge_and_check(model: nn.Module, x: torch.Tensor, policy: str | dict | Non
     """Merge a (timm or plain) model under its recorded plan or ``policy``; report costs before/after, the max
     abs logit error and the relative error of the features before the head on the images ``x``."""
     model.eval()
-    plain = model if isinstance(model, PlainNet) else to_plain(model)
-    merged = merge_plain(plain, None if plain.spec.get("merge_plan") else policy)
+    if isinstance(model, ChainNet):  # Kim et al.'s segments: their own merge; the unmerged network as it runs
+        plain, merged = to_plain(model.model), merge_segments(model)
+        before = profile(model, x.shape[-1])
+    else:
+        plain = model if isinstance(model, PlainNet) else to_plain(model)
+        merged = merge_plain(plain, None if plain.spec.get("merge_plan") else policy)
+        before = profile(plain, x.shape[-1])
     ref, ref_features = model(x), head_input(model, x)
-    before, after = profile(plain, x.shape[-1]), profile(merged, x.shape[-1])
+    after = profile(merged, x.shape[-1])
     return merged, {
         "merge_max_abs_err": float((merged(x) - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
         "merge_feature_rel_err": float((head_input(merged, x) - ref_features).abs().max()

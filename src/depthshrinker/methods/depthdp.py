@@ -1,272 +1,245 @@
-"""depthdp: latency-optimal depth compression by dynamic programming (Kim et al., "Efficient Latency-Aware CNN
-Depth Compression via Two-Stage Dynamic Programming", ICML 2023), on the network DepthShrinker merges.
+"""depthdp: Kim et al., "Efficient Latency-Aware CNN Depth Compression via Two-Stage Dynamic Programming" (ICML
+2023), as the authors run it, on any network the IR takes.
 
-Kim et al. pick the merged segments (convs i..j, their activations removed, merged into one conv) that maximise
-the summed importance under a latency budget T₀, from two look-up tables over the candidate segments. Here a
-merge never crosses a block (residual additions and block boundaries stay, as in DepthShrinker), so the
-segments of a block are fixed by which of its activations stay: an *option* of a block is a keep pattern of its
-activations (``2^k`` for ``k`` activations: 4 per inverted-residual block of MobileNetV2, 2 for the stem, the
-first block and the head), and its segments are the linear runs that pattern leaves, merged by the cell's merge
-plan. The tables, one row per (block, option):
+Three stages, each one CLI subcommand:
 
-* latency (``latency_table``): the block as deployed with that option (activations removed, the free activation
-  where the block became linear, BN folded, merged by ``plan.merge_policy``), under the deploy target:
-  ``mpc``, the CrypTen cost model's latency at ``mpc.network`` (bytes and rounds exact); ``cpu`` / ``gpu``,
-  measured as the cost table measures (interleaved repeats, median);
-* importance (``importance``, one job per block): selection-split top-1 (%) of the dense network with only that
-  option applied, after a short finetune (``depthdp.adapt_steps`` SGD steps, BN recalibrated), minus the same
-  for the dense network (``block = "dense"``), so that keeping every activation scores 0; or, with
-  ``depthdp.importance: loss``, the cross-entropy it saves over the dense network (where top-1 saturates);
-  at most 0 (``importance_table``). Never the test split.
+* ``latency_table``: Kim et al.'s table ``T`` under the deploy target, one row per valid merge segment
+  (``deploy.segments``, the reference's ``valid_blks``) as one conv, one per kept activation, and the fixed rest of
+  the network (``deploy.segment_cost``; ``mpc``: the CrypTen cost model at ``mpc.network``, exact).
+* ``importance``, one job per *extended segment* ``(s, e, a, b)`` (``entries``): the dense network with only
+  that segment linear (its activations removed, pad-first, ``segment_form``; a single conv re-initialised, as
+  the reference does, so that it measures what the conv is worth), finetuned ``depthdp.epochs`` epochs from the
+  dense weights with a cosine schedule (distilled as the finetune stage), then scored on the selection split;
+  minus the dense network's score without finetuning (the reference's base). Never the test split.
+* ``plan``: ``Δ − α·mean(Δ of the single convs)`` (uncapped, the reference's ``norm single``), the extended
+  importance and the second DP (``segment_dp.kim_dp``) under the budget; writes the cell's mask: the segments
+  (every chosen span cut at its fastest split) and the positions that keep an activation.
 
-``solve`` is the DP: one option per block maximising Σ importance with Σ latency ≤ T₀, exact (a front of
-non-dominated (latency, importance, activations kept) over the blocks instead of Kim et al.'s latency grid, so no
-rounding of latencies); ties go to more activations kept, then to the lower latency. ``plan`` writes the choice
-as a mask in the format ``finetune`` reads (``keep`` over the ``layer`` units), so the rest of the cell is
-DepthShrinker's. The budget is ``keep`` × the dense blocks' latency,
-or, with ``depthdp.budget: match``, the latency of the DepthShrinker block cell at the same keep ratio under the
-same table (equal cost by construction). Not done: LayerMerge's pruned conv layers (Kim et al., ICML 2024).
+``a``/``b`` say whether an activation is kept at the span's start/end. Where the dense network has one it is
+kept; at a block end without one (MobileNetV2's projections) it is 0, or, with ``depthdp.add_relu``, 0 or 1
+(the reference's optional ReLU6 after the add; doubles the entries there). The budget is the latency of the
+DepthShrinker block cell's deployed network at the same keep ratio under the same cost model (``budget:
+match``), or ``keep`` × the dense network's (``fraction``).
 """
 from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
-import functools
 import itertools
-import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from depthshrinker.base.config import ConfigError
-from depthshrinker.base.data import build_datasets
+from depthshrinker.base.data import build_loaders
 from depthshrinker.base.jsonio import read_json, write_json
-from depthshrinker.base.timing import quartiles, time_interleaved
+from depthshrinker.base.stats import spearman
 from depthshrinker.deploy.load import load_model
 from depthshrinker.deploy.mpc import cost as mpc_cost
-from depthshrinker.deploy.plan import apply_keep, merge_policy
-from depthshrinker.deploy.tables import UNITS, block_inputs, shrunk, table_model, unit_blocks, write_csv
-from depthshrinker.methods.finetune import read_mask
+from depthshrinker.deploy.segment_cost import segment_costs
+from depthshrinker.deploy.segment_form import segment_form
+from depthshrinker.deploy.segments import Body, body, valid_segments
+from depthshrinker.deploy.tables import write_csv
+from depthshrinker.methods.segment_dp import kim_dp, kim_normalised
+from depthshrinker.nets.plain import layout
 from depthshrinker.nets.registry import create_model
-from depthshrinker.nets.units import activation_units
 
-TOLERANCE = 1e-9  # relative: a sum of the same latencies in another order still meets its own budget
-
-
-def solve(blocks: list[list[tuple]], budget: float) -> tuple[list[int], float, float, int]:
-    """Exact DP over blocks: ``blocks[b][o] = (latency, importance[, kept])`` of option ``o`` of block ``b``;
-    returns (option per block, Σ latency, Σ importance, size of the last front) maximising Σ importance subject to
-    Σ latency ≤ ``budget`` (latencies ≥ 0); ties go to more Σ kept (an integer, 0 when not given: activations
-    kept, so that removals the importance cannot tell from free are made only as far as the budget needs), then
-    to the lower latency (exact ties: the first found, deterministic). Raises ConfigError when no choice fits.
-
-    A partial choice is dropped when another is no slower, no less important and keeps no fewer: every
-    completion of the dropped one is at best matched by the same completion of the other."""
-    limit = budget * (1 + TOLERANCE) + TOLERANCE
-    kept_of = lambda option: option[2] if len(option) > 2 else 0  # noqa: E731
-    top = sum(max(kept_of(o) for o in options) for options in blocks)
-    front: list[tuple[float, float, int, tuple[int, ...]]] = [(0.0, 0.0, 0, ())]
-    for options in blocks:
-        grown = sorted(((t + o[0], i + o[1], k + kept_of(o), choice + (n,)) for t, i, k, choice in front
-                        for n, o in enumerate(options) if t + o[0] <= limit), key=lambda c: (c[0], -c[1], -c[2]))
-        front, best = [], [-math.inf] * (top + 1)  # best[k]: the most important kept state keeping exactly k
-        for candidate in grown:  # in order of latency: kept unless a kept one keeps ≥ as many and is ≥ as important
-            if max(best[candidate[2]:]) < candidate[1]:
-                front.append(candidate)
-                best[candidate[2]] = candidate[1]
-        if not front:
-            cheapest = sum(min(o[0] for o in options) for options in blocks)
-            raise ConfigError(f"depthdp: no choice fits the budget {budget:.6g} (the cheapest costs {cheapest:.6g})")
-    latency, importance, _, choice = max(front, key=lambda c: (c[1], c[2], -c[0]))
-    return list(choice), latency, importance, len(front)
+Entry = tuple[int, int, int, int]
+RETEST_SEED = 1000  # adaptation seed offset of the retest table
 
 
-def block_options(model) -> list[tuple[int, list[int], list[tuple[int, ...]]]]:
-    """Per PlainNet block with activations: (block, its ``layer`` unit indices, its options as keep bits, all
-    kept first)."""
-    where = unit_blocks(model, "layer")
-    out = []
-    for block in sorted(set(where)):
-        units = [u for u, b in enumerate(where) if b == block]
-        out.append((block, units, list(itertools.product((1, 0), repeat=len(units)))))
-    return out
+def dense_acts(b: Body) -> set[int]:
+    """Body positions where the dense network has an activation."""
+    return {p for p in range(1, len(b) + 1) if b.convs[p - 1].act != "none"}
 
 
-def bits_key(bits) -> str:
-    """``(1, 0)`` -> ``"10"``: how an option is named in the tables."""
-    return "".join(str(int(k)) for k in bits)
+def entries(b: Body, add_relu: bool = False) -> list[Entry]:
+    """The extended segments whose importance is measured (module docstring), in the reference's order."""
+    dense = dense_acts(b) | {0}
+
+    def options(p: int) -> list[int]:
+        if p in dense:
+            return [1]
+        return [1, 0] if add_relu and p in b.block_ends else [0]
+
+    return [(s, e, a, z) for s, e in valid_segments(b) for a, z in itertools.product(options(s), options(e))]
 
 
-def keep_list(num_units: int, units: list[int], bits: tuple[int, ...]) -> list[int]:
-    """The ``layer`` keep-list with only ``units`` set to ``bits``."""
-    keep = [1] * num_units
-    for u, k in zip(units, bits):
-        keep[u] = k
-    return keep
+def entry_key(entry: Entry) -> str:
+    return "-".join(map(str, entry))
 
 
-def latency_table(config: dict, target: str, out: str | Path, repeats: int = 7) -> list[dict]:
-    """Stage: write ``out`` (CSV, ``#`` header naming the target and unit): per block and option its keep
-    ``bits``, the deployed ``segments`` (original conv indices per conv) and ``latency`` (plus bytes and rounds
-    for ``mpc``); a 10-class head, as the cost table."""
-    model, net = table_model(config, target, "depthdp", "latency table")
-    m, size = config["model"], config["data"]["image_size"]
-    inputs = block_inputs(net, size)
-    policy, num_units = merge_policy(config), len(activation_units(model, "layer"))
-    device = "cuda" if target == "gpu" else "cpu"
-    batch = config["data"]["batch_size"] if target == "gpu" else 1
-    rows = []
-    deployed = functools.cache(lambda keep: shrunk(model, "layer", list(keep), policy, m["free_act"]))
-    for block, units, options in block_options(model):  # the all-kept network is deployed once, not per block
-        nets = {bits: deployed(tuple(keep_list(num_units, units, bits))) for bits in options}
-        shape = tuple(inputs[block].shape[1:])
-        if target == "mpc":
-            costs = {bits: mpc_cost.block_cost(net.spec["blocks"][block], shape)[0] for bits, net in nets.items()}
-            measured = {bits: {"latency": mpc_cost.latency(c, config["mpc"]["network"]), "bytes": c.bytes,
-                               "rounds": c.rounds} for bits, c in costs.items()}
-        else:
-            x = inputs[block].expand(batch, -1, -1, -1).contiguous().to(device)
-            times = time_interleaved({bits: net.blocks[block].to(device).eval() for bits, net in nets.items()},
-                                     x, repeats, 3, 20)
-            measured = {bits: {"latency": 1e3 * quartiles(t)[0]} for bits, t in times.items()}
-        segments = {bits: " ".join("-".join(map(str, seg)) for seg in net.spec["blocks"][block]["merged_from"])
-                    for bits, net in nets.items()}
-        rows += [{"block": block, "units": " ".join(map(str, units)), "bits": bits_key(bits),
-                  "segments": segments[bits], **measured[bits]} for bits in options]
-    note = (f"two-party CrypTen cost model, {config['mpc']['network']} preset" if target == "mpc" else
-            f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of {repeats}")
-    write_csv(out, rows, f"# depthdp latency per block option of {m['arch']} at {size}x{size}; unit of measure: "
-                          f"{UNITS[target]}; {note}; deployed: free_act {m['free_act']}, merge policy {policy['name']}")
+def parse_entry(text: str) -> Entry:
+    try:
+        s, e, a, z = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"depthdp entry '{text}': expected s-e-a-b (four integers)") from None
+    return s, e, a, z
+
+
+def entry_form(b: Body, entry: Entry) -> tuple[list[tuple[int, int]], set[int]]:
+    """The segments and kept activations of the dense network with only ``entry`` linear."""
+    s, e, a, z = entry
+    segments = [(p, p + 1) for p in range(s)] + [(s, e)] + [(p, p + 1) for p in range(e, len(b))]
+    acts = {p for p in dense_acts(b) if not s < p < e} - {s, e}
+    acts |= {p for p, keep in ((s, a), (e, z)) if keep and p > 0}
+    return segments, acts
+
+
+def _model(config: dict) -> nn.Module:
+    m = config["model"]
+    return create_model(m["arch"], 10, m["small_input"])
+
+
+def latency_table(config: dict, target: str, out: str | Path) -> list[dict]:
+    """Stage: write ``out`` (CSV, ``#`` header naming the target and unit): rows ``kind`` = ``segment`` (``s``,
+    ``e``), ``act`` (position ``e``), ``outside`` (once), each with ``latency`` (s), ``bytes`` and ``rounds``; a
+    10-class head."""
+    if target != "mpc":
+        raise ConfigError(f"depthdp latency table: target '{target}' is not built yet (only mpc, the cost model)")
+    size, network = config["data"]["image_size"], config["mpc"]["network"]
+    t = segment_costs(_model(config), size, config["depthdp"]["added_act"])
+
+    def row(kind: str, s: int | str, e: int | str, c: mpc_cost.Cost) -> dict:
+        return {"kind": kind, "s": s, "e": e, "latency": mpc_cost.latency(c, network), "bytes": c.bytes,
+                "rounds": c.rounds}
+
+    rows = [row("segment", s, e, c) for (s, e), c in t.segment.items()]
+    rows += [row("act", "", p, c) for p, c in t.act.items()] + [row("outside", "", "", t.outside)]
+    write_csv(out, rows, f"# depthdp latency table of {config['model']['arch']} at {size}x{size}: two-party "
+                         f"CrypTen cost model, {network} preset; latency in seconds, bytes per party")
     return rows
 
 
-def read_latency_table(path: str | Path) -> dict[tuple[int, str], float]:
-    """(block, bits) -> latency of a ``latency_table`` CSV."""
+def read_latency_table(path: str | Path) -> tuple[dict, dict, float]:
+    """(segment latencies, activation latencies, outside latency) of a ``latency_table`` CSV."""
     if not Path(path).is_file():
         raise ConfigError(f"file not found: {path}")
     with open(path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     try:
-        return {(int(r["block"]), r["bits"]): float(r["latency"]) for r in rows}
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"{path}: not a depthdp latency table ({err})") from None
+        segment = {(int(r["s"]), int(r["e"])): float(r["latency"]) for r in rows if r["kind"] == "segment"}
+        act = {int(r["e"]): float(r["latency"]) for r in rows if r["kind"] == "act"}
+        outside = next(float(r["latency"]) for r in rows if r["kind"] == "outside")
+    except (KeyError, ValueError, StopIteration) as err:
+        raise ConfigError(f"{path}: not a depthdp latency table ({type(err).__name__}: {err})") from None
+    return segment, act, outside
 
 
-@dataclasses.dataclass(frozen=True)
-class ImportanceConfig:
-    """The ``depthdp`` config section's scoring keys (read by ``pruning.scorer`` as MetaPruning's are)."""
-    adapt_steps: int = 20
-    adapt_lr: float | None = None
-    holdout_images: int = 256
-    calibration_batches: int = 2
+@torch.no_grad()
+def _reinit(model: nn.Module, b: Body, p: int, seed: int) -> None:
+    """Re-initialise conv ``p`` of the body and its BatchNorm (the reference's single-conv entries)."""
+    c = b.convs[p - 1]
+    conv = layout(model).blocks[c.block].convs[c.index]
+    torch.manual_seed(seed)
+    for module in (conv.conv, conv.bn):
+        if module is not None:
+            module.reset_parameters()
 
 
-def importance(config: dict, dense_ckpt: str | Path, block: str, out: str | Path) -> dict:
-    """Stage: selection-split top-1 and loss of the dense network with each option of PlainNet block ``block`` that
-    removes an activation (``"dense"``: the dense network itself, the reference), each after the same short finetune;
-    writes ``out`` (JSON: ``{"block", "options": [{"bits", "top1", "loss"}]}``)."""
-    from depthshrinker.methods.pruning import scorer
-    from depthshrinker.train import Recipe
+def importance(config: dict, dense_ckpt: str | Path, entry: str, out: str | Path, rep: int = 0) -> dict:
+    """Stage: the importance of one extended segment ``entry`` (``s-e-a-b``; module docstring), measured with
+    adaptation seed ``seed + rep·1000``; writes ``out`` (JSON: the entry, the selection split's top-1 and loss
+    after the finetune and the dense network's, and their differences ``delta_top1``, ``delta_loss``)."""
+    from depthshrinker.train import Recipe, evaluate, fit
 
-    block = str(block)
-    section = config["depthdp"]
-    cfg = ImportanceConfig(**{f.name: section[f.name] for f in dataclasses.fields(ImportanceConfig)})
-    if cfg.adapt_lr is None:
-        cfg = dataclasses.replace(cfg, adapt_lr=Recipe.from_config(config, "finetune").lr)
+    key = parse_entry(entry)
+    cfg = config["depthdp"]
     dense, _ = load_model(dense_ckpt)
-    score = scorer(build_datasets(config["data"], config["seed"]), cfg, config["data"], config["seed"])
-    policy, free_act = merge_policy(config), config["model"]["free_act"]
-    num_units = len(activation_units(dense, "layer"))
-    if block == "dense":
-        options = [([], ())]
-    else:
-        options = [(units, bits) for b, units, opts in block_options(dense) if str(b) == block for bits in opts[1:]]
-        if not options:
-            raise ConfigError(f"depthdp importance: block '{block}' has no activations (or does not exist)")
-    rows = []
-    for units, bits in options:
-        model = copy.deepcopy(dense)
-        if units:
-            apply_keep(model, activation_units(model, "layer"), keep_list(num_units, units, bits), free_act, policy)
-        result = score(model)
-        rows.append({"bits": bits_key(bits), "top1": result["top1"], "loss": result["loss"]})
-    report = {"block": block, "options": rows, "adapt": dataclasses.asdict(cfg)}
+    b = body(dense)
+    if key not in set(entries(b, cfg["add_relu"])):
+        raise ConfigError(f"depthdp entry '{entry}' is not an extended segment of this network "
+                          f"({len(entries(b, cfg['add_relu']))} are; depthdp.add_relu: {cfg['add_relu']})")
+    seed = config["seed"] + RETEST_SEED * rep
+    loaders = build_loaders(config["data"], seed)
+    base = evaluate(dense, loaders.select)
+    student = copy.deepcopy(dense)
+    if key[1] - key[0] == 1:
+        _reinit(student, b, key[1], seed)
+    chain = segment_form(student, *entry_form(b, key), added=cfg["added_act"])
+    distill = config["stages"]["distill"]["enabled"]
+    recipe = Recipe.from_config(config, "finetune", distill=distill)
+    recipe = replace(recipe, epochs=cfg["epochs"], patience=None,
+                     lr=recipe.lr if cfg["lr"] is None else recipe.lr * cfg["lr"] / config["stages"]["finetune"]["lr"])
+    out = Path(out)
+    history = fit(chain, loaders.train, loaders.select, recipe, out.with_name(out.name + ".last"),
+                  teacher=dense if distill else None, identity={"entry": entry, "rep": rep}, seed=seed,
+                  desc=f"importance {entry}")
+    last = history[-1]
+    report = {"entry": list(key), "rep": rep, "seed": seed, "top1": last["select_top1"],
+              "loss": last["select_loss"], "base_top1": base["top1"], "base_loss": base["loss"],
+              "delta_top1": last["select_top1"] - base["top1"], "delta_loss": last["select_loss"] - base["loss"],
+              "select_images": len(loaders.select.dataset), "recipe": {"epochs": recipe.epochs, "lr": recipe.lr}}
     write_json(out, report)
+    out.with_name(out.name + ".last").unlink(missing_ok=True)
     return report
 
 
-METRICS = {"top1": 1.0, "loss": -1.0}  # importance = min(0, sign · (metric of the option − metric of dense))
+SIGN = {"top1": ("delta_top1", 1.0), "loss": ("delta_loss", -1.0)}  # importance = sign · Δ metric
 
 
-def importance_table(reference: str | Path, blocks: list[str | Path], metric: str = "top1"
-                     ) -> dict[tuple[int, str], float]:
-    """(block, bits) -> importance from ``importance`` reports: top-1 points over the dense reference
-    (``top1``, Kim et al.), or the selection split's cross-entropy saved over it (``loss``: finer where top-1
-    saturates, as on the embedded digits); at most 0. Removing activations does not make the network better
-    than keeping them: a gain over dense is noise of the short finetune, and counting it made the DP buy that
-    noise with budget, stopping below it (seed 1 of the first 3-seed run chose one network, at 36 % of the dense
-    latency, for the budgets 38 %, 49 % and 69 %)."""
-    sign, base = METRICS[metric], read_json(reference)["options"][0][metric]
-    table = {}
-    for path in blocks:
+def measured(paths: list[str | Path], metric: str) -> dict[Entry, float]:
+    """Entry -> Δ (top-1 points gained, or selection loss saved) of ``importance`` reports."""
+    field, sign = SIGN[metric]
+    out = {}
+    for path in paths:
         report = read_json(path)
-        for row in report["options"]:
-            table[int(report["block"]), row["bits"]] = min(0.0, sign * (row[metric] - base))
-    return table
+        out[tuple(report["entry"])] = sign * report[field]
+    return out
 
 
-def layer_keep_of(mask: dict, model) -> list[int]:
-    """A DepthShrinker mask's keep-list at ``layer`` granularity (a ``block`` unit keeps all its activations)."""
-    units = activation_units(model, mask["granularity"])
-    if len(mask["keep"]) != len(units):
-        raise ConfigError(f"depthdp: the mask to match has {len(mask['keep'])} entries, the model {len(units)} "
-                          f"{mask['granularity']} units")
-    kept = {path for unit, k in zip(units, mask["keep"]) if k for path in unit.acts}
-    return [int(unit.acts[0] in kept) for unit in activation_units(model, "layer")]
+def _deployed(chosen: dict) -> tuple[list[tuple[int, int]], list[int]]:
+    """The segments (each span cut at its fastest split) and kept activations of a ``kim_dp`` result."""
+    points = [0, *chosen["merges"]]
+    return [(s, e) for s, e in zip(points, points[1:])], chosen["acts"]
 
 
-def plan(config: dict, keep: float, latency_csv: str | Path, reference: str | Path, blocks: list[str | Path],
-         out: str | Path, match: str | Path | None = None) -> dict:
-    """Stage: solve the DP at budget ``keep`` × the dense blocks' latency, or the latency of the DepthShrinker
-    mask ``match`` (``depthdp.budget: match``), and write the choice as a ``layer`` keep-list mask ``out``."""
-    if (config["depthdp"]["budget"] == "match") != (match is not None):
-        raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker mask to match (--match), and only it")
-    m = config["model"]
-    model = create_model(m["arch"], 10, m["small_input"])
-    latency = read_latency_table(latency_csv)
-    gain = importance_table(reference, blocks, config["depthdp"]["importance"])
-    options, table = block_options(model), []  # table[b][o]: (latency, importance, kept) of option o of b
-    for b, _, opts in options:
-        for bits in opts:
-            if (b, bits_key(bits)) not in latency:
-                raise ConfigError(f"{latency_csv}: no latency for block {b} option {bits_key(bits)}")
-            if 0 in bits and (b, bits_key(bits)) not in gain:
-                raise ConfigError(f"depthdp: no importance for block {b} option {bits_key(bits)}")
-        table.append([(latency[b, bits_key(bits)], gain[b, bits_key(bits)] if 0 in bits else 0.0, sum(bits))
-                      for bits in opts])
-    dense_latency = sum(row[0][0] for row in table)
+def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: list[str | Path], out: str | Path,
+         match: str | Path | None = None, retest: list[str | Path] | None = None) -> dict:
+    """Stage: normalise the measured table, solve Kim et al.'s DP at the budget (``match``: the deployed network
+    of the DepthShrinker cell, a merged checkpoint; else ``keep`` × dense) and write the mask ``out``. With
+    ``retest`` (the same entries measured with another adaptation seed) the mask records their rank correlation."""
+    cfg = config["depthdp"]
+    if (cfg["budget"] == "match") != (match is not None):
+        raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker cell to match (--match), and only it")
+    b = body(_model(config))
+    segment, act, outside = read_latency_table(latency_csv)
+    delta = measured(importance_paths, cfg["importance"])
+    missing = [entry_key(k) for k in entries(b, cfg["add_relu"]) if k not in delta]
+    if missing:
+        raise ConfigError(f"depthdp: no importance for entries {', '.join(missing[:5])} ({len(missing)} missing)")
+    table = kim_normalised(delta, cfg["alpha"])
+    dense_latency = outside + sum(segment[p - 1, p] for p in range(1, len(b) + 1)) + sum(act[p] for p in dense_acts(b))
     if match is not None:
-        ds = layer_keep_of(read_mask(match), model)
-        budget = sum(latency[b, bits_key(ds[u] for u in units)] for b, units, _ in options)
+        merged, _ = load_model(match)
+        total = mpc_cost.latency(mpc_cost.count(merged.spec, config["data"]["image_size"]), config["mpc"]["network"])
         source = {"budget": "match", "match": str(match)}
     else:
-        budget, source = keep * dense_latency, {"budget": "fraction"}
-    choice, total, gained, front = solve(table, budget)
-    keep_bits = [1] * len(activation_units(model, "layer"))
-    for (_, units, opts), o in zip(options, choice):
-        for u, k in zip(units, opts[o]):
-            keep_bits[u] = k
-    units = activation_units(model, "layer")
-    mask = {"method": "depthdp", "granularity": "layer", "keep_ratio": keep, "num_units": len(units),
-            "num_kept": sum(keep_bits), "keep": keep_bits,
-            "units": [{"name": u.name, "keep": k} for u, k in zip(units, keep_bits)],
-            "dp": {**source, "target": config["stages"]["search"]["latency_target"],
-                   "importance_metric": config["depthdp"]["importance"], "budget_latency": budget,
-                   "latency": total, "dense_latency": dense_latency, "importance": gained, "pareto_front": front,
-                   "options": [{"block": b, "bits": bits_key(opts[o]), "latency": row[o][0], "importance": row[o][1]}
-                               for (b, _, opts), o, row in zip(options, choice, table)]},
-            "row": {"dp_budget_fraction": budget / dense_latency, "dp_latency_fraction": total / dense_latency,
-                    "dp_importance": gained}}
+        total, source = keep * dense_latency, {"budget": "fraction"}
+    try:
+        chosen = kim_dp(segment, table, len(b), total - outside, act)
+    except ValueError as err:
+        raise ConfigError(f"depthdp: {err} (outside the body: {outside:.6g})") from None
+    segments, acts = _deployed(chosen)
+    diagnostics = {"entries": len(delta), "delta_min": min(delta.values()), "delta_max": max(delta.values()),
+                   "single_mean": (sum(v for (s, e, _, _), v in delta.items() if e - s == 1)
+                                   / max(1, sum(e - s == 1 for s, e, _, _ in delta)))}
+    if retest:
+        again = measured(retest, cfg["importance"])
+        common = sorted(set(delta) & set(again))
+        diagnostics["retest_spearman"] = spearman([delta[k] for k in common], [again[k] for k in common])
+        diagnostics["retest_entries"] = len(common)
+    latency = chosen["latency"] + outside
+    mask = {"method": "depthdp", "granularity": "segment", "keep_ratio": keep, "segments": [list(s) for s in segments],
+            "acts": acts, "added": cfg["added_act"], "num_segments": len(segments), "num_acts": len(acts),
+            "dp": {**source, "target": "mpc", "network": config["mpc"]["network"], "metric": cfg["importance"],
+                   "alpha": cfg["alpha"], "budget_latency": total, "latency": latency,
+                   "dense_latency": dense_latency, "importance": chosen["importance"],
+                   "spans": [list(span) for span in chosen["spans"]], **diagnostics},
+            "row": {"dp_budget_fraction": total / dense_latency, "dp_latency_fraction": latency / dense_latency,
+                    "dp_importance": chosen["importance"]}
+            | ({"dp_retest_spearman": diagnostics["retest_spearman"]} if retest else {})}
     write_json(out, mask)
     return mask

@@ -3,7 +3,7 @@ is distilled from the dense teacher (``alpha · T² · KL + (1 − alpha) · CE`
 channel/pixel students start from the dense weights; an SNL element student starts from the weights its mask
 search trained (Cho et al. 2022, Algorithm 1, line 12 finetunes the searched network). DepthShrinker's removed
 units become identities, in pad-first form where the block will be merged; SNL's masks become fixed binary
-masks."""
+masks; a depthdp mask (Kim et al.'s segments) puts the network in its ``segment_form``."""
 from __future__ import annotations
 
 import copy
@@ -16,14 +16,13 @@ from depthshrinker.base.checkpoint import load
 from depthshrinker.base.config import ConfigError
 from depthshrinker.base.data import build_loaders
 from depthshrinker.base.jsonio import read_json
-from depthshrinker.deploy.load import load_model
-from depthshrinker.deploy.plan import apply_mask_spec, merge_policy
+from depthshrinker.deploy.load import apply_mask, load_model
+from depthshrinker.deploy.plan import merge_policy
 from depthshrinker.nets.units import activation_units
 from depthshrinker.train import train_stage
 
-KEEP_LISTS = ("depthshrinker", "depthdp")  # masks that are a keep-list over activation units
-MASK_KEYS = {**{m: ("granularity", "keep_ratio", "keep") for m in KEEP_LISTS},
-             "snl": ("granularity", "keep_ratio", "layers")}
+MASK_KEYS = {"depthshrinker": ("granularity", "keep_ratio", "keep"), "snl": ("granularity", "keep_ratio", "layers"),
+             "depthdp": ("granularity", "keep_ratio", "segments", "acts")}
 
 
 def read_mask(path: str | Path) -> dict:
@@ -45,9 +44,12 @@ def read_mask(path: str | Path) -> dict:
 
 def mask_spec(mask: dict, free_act: str) -> dict:
     """The checkpoint-spec form of an extracted mask JSON (``search.extract``)."""
-    if mask["method"] in KEEP_LISTS:
+    if mask["method"] == "depthshrinker":
         return {"method": "depthshrinker", "granularity": mask["granularity"], "keep": mask["keep"],
                 "free_act": free_act}
+    if mask["method"] == "depthdp":
+        return {"method": "segments", "segments": mask["segments"], "acts": mask["acts"],
+                "added": mask.get("added", "relu6")}
     return {"method": "snl", "granularity": mask["granularity"],
             "shapes": {layer["name"]: layer["shape"] for layer in mask["layers"]}}
 
@@ -69,10 +71,10 @@ def finetune(config: dict, dense_ckpt: str | Path, mask_path: str | Path, out: s
     loaders = build_loaders(config["data"], config["seed"])
     teacher, spec = load_model(dense_ckpt)
     student = copy.deepcopy(teacher)
-    if mask["method"] in KEEP_LISTS and len(mask["keep"]) != len(activation_units(student, mask["granularity"])):
+    if mask["method"] == "depthshrinker" and len(mask["keep"]) != len(activation_units(student, mask["granularity"])):
         raise ConfigError(f"{mask_path}: {len(mask['keep'])} entries do not fit the model's units")
     spec = {**spec, "mask": mask_spec(mask, config["model"]["free_act"])}
-    apply_mask_spec(student, spec["mask"], merge_policy(config))  # records the merge plan in spec["mask"]
+    student = apply_mask(student, spec["mask"], merge_policy(config))  # records the merge plan in spec["mask"]
     if mask.get("init"):
         load_searched_weights(student, Path(mask_path).parent / mask["init"])
     if mask["method"] == "snl":

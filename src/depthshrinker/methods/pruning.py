@@ -214,7 +214,7 @@ def scorer(splits, cfg, data: dict, seed: int) -> Callable[[nn.Module], dict]:
     candidate), BatchNorm is recalibrated on ``calibration_batches`` training batches, then top-1 on the first
     ``holdout_images`` of the selection split (carved from the training data, never trained on; never the test
     split that results report). The candidate itself keeps its cut dense weights. ``cfg``: the four scoring
-    keys (``SearchConfig`` here, ``depthdp.ImportanceConfig`` for the importance of depthdp's options)."""
+    keys (``SearchConfig``)."""
     select = Subset(splits.select, range(min(cfg.holdout_images, len(splits.select))))
     holdout = DataLoader(select, batch_size=data["eval_batch_size"], num_workers=data["workers"])
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -93,15 +93,18 @@ def best_path(edges: Iterable[tuple[Hashable, Hashable, float, float, Hashable]]
 
 
 def kim_dp(latency: dict[tuple[int, int], float], importance: dict[tuple[int, int, int, int], float], length: int,
-           budget: float) -> dict:
+           budget: float, act_latency: dict[int, float] | None = None) -> dict:
     """Kim et al.'s two DPs: ``latency[(s, e)]`` of each valid segment merged into one conv, ``importance[(s, e, a,
-    b)]`` of each extended segment, over body positions ``0..length``. Returns the chosen spans, the positions that
-    keep an activation (``acts``: span ends with ``b = 1``), the merge points (every span's fastest split), and
+    b)]`` of each extended segment, over body positions ``0..length``; ``act_latency[p]``: the cost of keeping the
+    activation at ``p`` (0 when not given: Kim et al.'s tables time a conv with its activation; under MPC the
+    activation is the larger part and gets its own entry). Returns the chosen spans, the positions that keep an
+    activation (``acts``: span ends with ``b = 1``), the merge points (every span's fastest split), and
     Σ importance / Σ latency."""
     split = fastest_split(latency)
     ext = extended_importance(importance)
-    edges = [((s, a), (e, b), split[s, e][0], value, (s, e, a, b)) for (s, e, a, b), value in ext.items()
-             if (s, e) in split]
+    act_latency = act_latency or {}
+    edges = [((s, a), (e, b), split[s, e][0] + (act_latency.get(e, 0.0) if b else 0.0), value, (s, e, a, b))
+             for (s, e, a, b), value in ext.items() if (s, e) in split]
     imp, t, spans = best_path(edges, (0, 1), [(length, 0), (length, 1)], budget)
     return {"spans": spans, "acts": sorted(e for _, e, _, b in spans if b),
             "merges": sorted({p for s, e, _, _ in spans for p in split[s, e][1]}), "importance": imp, "latency": t}

@@ -86,11 +86,15 @@ class Cost:
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
+
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _act(kind: str, numel: int) -> Cost:
+def activation(kind: str, numel: int) -> Cost:
+    """One activation layer (``relu``, ``relu6`` or ``none``) over ``numel`` elements."""
     comparisons = ACT_COMPARISONS[kind]
     if not comparisons:
         return Cost()
@@ -113,7 +117,7 @@ def _conv(conv: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, int
     weight = conv["out"] * conv["in"] // conv["groups"] * k * k
     macs = out[0] * out[1] * out[2] * conv["in"] // conv["groups"] * k * k
     numel = out[0] * out[1] * out[2]
-    return _linear(c * h * w, weight, macs, numel) + _act(conv["act"], _elements(conv, numel)), out
+    return _linear(c * h * w, weight, macs, numel) + activation(conv["act"], _elements(conv, numel)), out
 
 
 def max_pool(pool: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, int, int]]:
@@ -123,7 +127,7 @@ def max_pool(pool: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, 
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     total = Cost()
     for numel in [c * h * wo] * (k - 1) + [c * ho * wo] * (k - 1):
-        total += _act("relu", numel)
+        total += activation("relu", numel)
     return total, (c, ho, wo)
 
 
@@ -171,7 +175,7 @@ def block_cost(block: dict, shape: tuple[int, int, int], acts: bool = True,
         raise ValueError(f"residual block changes the shape {shape} -> {out}")
     if acts:
         free = block.get("free_act", "none")
-        total += _act(free, _elements({"mask": block.get("free_mask")}, math.prod(out)))
+        total += activation(free, _elements({"mask": block.get("free_mask")}, math.prod(out)))
     return total, out
 
 

@@ -1,0 +1,75 @@
+"""Kim et al.'s latency table under the two-party cost model (``mpc.cost``): the exact CrypTen cost of every
+valid merge segment as one conv, and of keeping an activation at each body position (Kim et al., ICML 2023,
+Sec. 4: the table ``T``; here the activation's cost is its own entry, since under MPC it dominates).
+
+Costs add up: a network in ``segment_form`` merged by ``merge_segments`` costs ``outside`` + Σ its segments +
+Σ its kept activations, exactly (``tests/test_depthdp.py`` checks it against ``cost.count`` of the merged
+network). A residual block's projection shortcut is paid by the segment that ends at the block's end from inside
+it (the block is not swallowed, so the shortcut stays a conv); a swallowed block's shortcut is folded, free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from depthshrinker.deploy.mpc.cost import Cost, activation, block_cost, count, merged_conv
+from depthshrinker.deploy.segments import Body, body, valid_segments
+from depthshrinker.nets.ir import extract
+from depthshrinker.nets.plain import layout, plain_spec
+
+__all__ = ["SegmentCosts", "segment_costs", "act_kind"]
+
+
+@dataclass(frozen=True)
+class SegmentCosts:
+    """``segment[(s, e)]``: convs ``s+1..e`` as one conv; ``act[p]``: the activation kept at position ``p``;
+    ``outside``: everything not in the body (stem, head, pools, classifier, revealing the logits)."""
+    body: Body
+    segment: dict[tuple[int, int], Cost]
+    act: dict[int, Cost]
+    outside: Cost
+
+
+def act_kind(b: Body, p: int, added: str = "relu6") -> str:
+    """The activation kept at body position ``p``: the dense network's, or ``added`` at a block end without one."""
+    return b.convs[p - 1].act if b.convs[p - 1].act != "none" else added
+
+
+def _single(conv: dict, shape: tuple[int, int, int]) -> tuple[Cost, tuple[int, int, int]]:
+    return block_cost({"convs": [{**conv, "act": "none"}], "residual": False, "free_act": "none"}, shape)
+
+
+def segment_costs(model: nn.Module, input_size: int, added: str = "relu6") -> SegmentCosts:
+    """The table of ``model`` on a ``(3, input_size, input_size)`` image (module docstring)."""
+    net = extract(model)
+    lay = layout(model, net)
+    b = body(model, net, lay)
+    spec = plain_spec(model, lay)
+    shape, block_in, outside = (3, input_size, input_size), [], count(spec, input_size)
+    inside = {c.block for c in b.convs}
+    for i, block in enumerate(spec["blocks"]):
+        block_in.append(shape)
+        step, shape = block_cost(block, shape)
+        if i in inside:
+            outside -= step
+    conv_in, conv_out, first = [], [], {}
+    for p, c in enumerate(b.convs):
+        shape = block_in[c.block] if first.setdefault(c.block, p) == p else conv_out[-1]
+        conv_in.append(shape)
+        conv_out.append(_single(spec["blocks"][c.block]["convs"][c.index], shape)[1])
+    owner = {t: src for src, t in b.residuals.items()}
+    segment = {}
+    for s, e in valid_segments(b):
+        convs = [spec["blocks"][c.block]["convs"][c.index] for c in b.convs[s:e]]
+        cost = _single(merged_conv(convs), conv_in[s])[0]
+        shortcut = spec["blocks"][b.convs[e - 1].block].get("shortcut")
+        if e in owner and owner[e] < s and shortcut:  # the block ends here, not swallowed: its shortcut stays
+            cost = cost + _single(shortcut, conv_in[owner[e]])[0]
+        segment[s, e] = cost
+    acts = {p: activation(act_kind(b, p, added), _numel(conv_out[p - 1])) for p in range(1, len(b) + 1)}
+    return SegmentCosts(b, segment, acts, outside)
+
+
+def _numel(shape: tuple[int, int, int]) -> int:
+    return shape[0] * shape[1] * shape[2]
