@@ -114,6 +114,25 @@ def test_plan_meets_the_budget_and_its_latency_is_the_deployed_networks(table_co
     assert loose["num_segments"] < len(b)
 
 
+def test_diagnose_scores_a_depthshrinker_mask_in_the_dp_table(table_config, tmp_path):
+    """Keeping every activation: the DepthShrinker mask is the DP's loose optimum, to the last digit; removing
+    block units leaves fewer activations and less importance (each linearised conv costs 20-30 points)."""
+    config, lat = table_config
+    b = body(create_model("mobilenetv2_100", 10, True))
+    paths = _synthetic(tmp_path, b)
+    depthdp.plan(config, 1.0, lat, paths, tmp_path / "loose.json")
+    write_json(tmp_path / "all.json", {"method": "depthshrinker", "granularity": "block", "keep_ratio": 1.0,
+                                       "keep": [1] * 19})
+    report = depthdp.diagnose(config, tmp_path / "loose.json", tmp_path / "all.json", lat, paths, tmp_path / "d.json")
+    assert report["ds_acts"] == report["dp_acts"] == len(depthdp.dense_acts(b))
+    assert report["ds_importance"] == report["dp_importance"] and report["ds_latency"] == report["dp_latency"]
+    write_json(tmp_path / "some.json", {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.5,
+                                        "keep": [1, 0, 1, 0, 1] + [1] * 14})
+    fewer = depthdp.diagnose(config, tmp_path / "loose.json", tmp_path / "some.json", lat, paths, tmp_path / "e.json")
+    assert fewer["ds_acts"] == report["ds_acts"] - 3  # unit 1: one activation; unit 3: two
+    assert fewer["ds_importance"] < report["ds_importance"] and fewer["ds_latency"] < report["ds_latency"]
+
+
 def test_plan_refuses_missing_entries_an_impossible_budget_and_a_wrong_match(table_config, tmp_path):
     config, lat = table_config
     b = body(create_model("mobilenetv2_100", 10, True))

@@ -142,6 +142,12 @@ def cmd_depthdp(args):
             **{k: v for k, v in mask["dp"].items() if k != "spans"}}
 
 
+def cmd_depthdp_diagnose(args):
+    from depthshrinker.methods.depthdp import diagnose
+
+    return diagnose(_config(args), args.mask, args.ds_mask, args.latency, args.entries, args.out)
+
+
 def cmd_profile(args):
     from depthshrinker.report import profile_cell
 
@@ -288,6 +294,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--retest", nargs="*", default=None, help="the same entries measured again (--rep 1)")
     s.add_argument("--match", default=None, help="merged DepthShrinker checkpoint whose latency is the budget")
     s.add_argument("--out", required=True, help="mask JSON to write")
+    s = add("depthdp-diagnose", cmd_depthdp_diagnose,
+            "depthdp: the DepthShrinker mask of the same budget scored in the DP's table, beside the DP's choice")
+    s.add_argument("--mask", required=True, help="the depthdp cell's mask JSON")
+    s.add_argument("--ds-mask", required=True, help="the DepthShrinker cell's mask JSON")
+    s.add_argument("--latency", required=True, help="latency table CSV from `latency-table`")
+    s.add_argument("--entries", nargs="+", required=True, help="importance JSON of every extended segment")
+    s.add_argument("--out", required=True, help="JSON to write")
     s = add("profile", cmd_profile, "top-1, params, MACs and nonlinear counts of a cell's model")
     s.add_argument("--model", required=True)
     s.add_argument("--method", required=True)

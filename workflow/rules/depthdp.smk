@@ -1,6 +1,7 @@
 # depthdp cells (Kim et al., ICML 2023, as the authors run it): the latency table of every merge segment, the
 # importance of every extended segment (one job each, so the table fans out over cores and cluster nodes and an
-# interrupted table resumes where it stopped), then the DP writes the cell's mask.json; finetune (in the segment
+# interrupted table resumes where it stopped), then the DP writes the cell's mask.json (and
+# diagnostics.json: the DepthShrinker mask of the same budget in the DP's table); finetune (in the segment
 # form), merge, benchmarks and row are a DepthShrinker cell's. Input functions: common.smk.
 IMPORTANCE = f"{RESULTS}/depthdp/importance/seed{{seed}}/rep{{rep}}"
 
@@ -66,6 +67,30 @@ rule depthdp:
         argv=lambda w, input, output: ["depthdp", "--keep", w.keep, "--latency", input.latency, "--entries",
                                        *input.entries, "--out", output.mask]
         + (["--retest", *input.retest] if input.retest else []) + (["--match", input.match] if input.match else []),
+    resources:
+        **resources("light"),
+    conda:
+        ENV
+    script:
+        "../scripts/stage.py"
+
+
+rule depthdp_diagnostics:
+    input:
+        mask=f"{CELL}/mask.json",
+        ds_mask=f"{RESULTS}/depthshrinker/block/{{keep}}/seed{{seed}}/mask.json",
+        latency=latency_of_target,
+        entries=importance_entries(0),
+    output:
+        f"{CELL}/diagnostics.json",
+    log:
+        f"{CELL}/logs/diagnostics.log",
+    wildcard_constraints:
+        method="depthdp",
+    params:
+        config=reads("depthdp-diagnose"),
+        argv=lambda w, input, output: ["depthdp-diagnose", "--mask", input.mask, "--ds-mask", input.ds_mask,
+                                       "--latency", input.latency, "--entries", *input.entries, "--out", output[0]],
     resources:
         **resources("light"),
     conda:

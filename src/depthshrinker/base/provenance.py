@@ -31,6 +31,7 @@ READS: dict[str, tuple[str, ...]] = {
     "importance": (*_TRAIN, "stages.finetune", "stages.distill", "depthdp.epochs", "depthdp.lr", "depthdp.add_relu",
                    "depthdp.added_act"),
     "depthdp": ("data.image_size", "model.arch", "model.small_input", "mpc.network", "depthdp"),
+    "depthdp-diagnose": ("model.arch", "model.small_input", "depthdp"),
     "finetune": (*_TRAIN, "model.free_act", "stages.search.latency_target", "stages.finetune", "stages.distill",
                  "mpc.network"),
     "merge": ("seed", "data", *_MERGE_PLAN),

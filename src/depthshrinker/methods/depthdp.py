@@ -14,6 +14,9 @@ Three stages, each one CLI subcommand:
 * ``plan``: ``Δ − α·mean(Δ of the single convs)`` (uncapped, the reference's ``norm single``), the extended
   importance and the second DP (``segment_dp.kim_dp``) under the budget; writes the cell's mask: the segments
   (every chosen span cut at its fastest split) and the positions that keep an activation.
+* ``diagnose``: the DepthShrinker mask of the same budget scored in the DP's own table (its activations fixed,
+  the best segments for them) against the DP's optimum: does the table rank the two as their finetuned
+  accuracies do?
 
 ``a``/``b`` say whether an activation is kept at the span's start/end. Where the dense network has one it is
 kept; at a block end without one (MobileNetV2's projections) it is 0, or, with ``depthdp.add_relu``, 0 or 1
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import csv
 import itertools
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,9 +46,11 @@ from depthshrinker.deploy.segment_cost import segment_costs
 from depthshrinker.deploy.segment_form import segment_form
 from depthshrinker.deploy.segments import Body, body, valid_segments
 from depthshrinker.deploy.tables import write_csv
+from depthshrinker.methods.finetune import read_mask
 from depthshrinker.methods.segment_dp import kim_dp, kim_normalised
 from depthshrinker.nets.plain import layout
 from depthshrinker.nets.registry import create_model
+from depthshrinker.nets.units import activation_units
 
 Entry = tuple[int, int, int, int]
 RETEST_SEED = 1000  # adaptation seed offset of the retest table
@@ -243,3 +249,36 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
             | ({"dp_retest_spearman": diagnostics["retest_spearman"]} if retest else {})}
     write_json(out, mask)
     return mask
+
+
+def kept_positions(model: nn.Module, b: Body, mask: dict) -> set[int]:
+    """Body positions whose activation a DepthShrinker mask keeps (the stem's and head's are not in the body)."""
+    units = activation_units(model, mask["granularity"])
+    where = layout(model).act_positions()
+    position = {(c.block, c.index): p for p, c in enumerate(b.convs, start=1)}
+    return {position[where[a]] for u, k in zip(units, mask["keep"]) if k for a in u.acts
+            if where.get(a) in position}
+
+
+def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, latency_csv: str | Path,
+             importance_paths: list[str | Path], out: str | Path) -> dict:
+    """Stage: the DepthShrinker mask ``ds_mask_path`` in the DP's own table: the most important segments that keep
+    exactly its activations (no budget), their Σ importance and latency, beside the DP's choice ``mask_path``;
+    writes ``out`` (JSON)."""
+    cfg = config["depthdp"]
+    model = _model(config)
+    b = body(model)
+    segment, act, outside = read_latency_table(latency_csv)
+    table = kim_normalised(measured(importance_paths, cfg["importance"]), cfg["alpha"])
+    kept = kept_positions(model, b, read_mask(ds_mask_path))
+    same = {(s, e, a, z): v for (s, e, a, z), v in table.items()
+            if a == (s == 0 or s in kept) and z == (e in kept) and not kept & set(range(s + 1, e))}
+    ds = kim_dp(segment, same, len(b), math.inf, act)
+    dp = read_json(mask_path)["dp"]
+    report = {"ds_mask": str(ds_mask_path), "ds_acts": len(kept), "ds_importance": ds["importance"],
+              "ds_latency": ds["latency"] + outside, "dp_acts": len(read_json(mask_path)["acts"]),
+              "dp_importance": dp["importance"], "dp_latency": dp["latency"], "budget_latency": dp["budget_latency"],
+              "ds_within_budget": ds["latency"] + outside <= dp["budget_latency"] * (1 + 1e-9),
+              "dp_minus_ds_importance": dp["importance"] - ds["importance"]}
+    write_json(out, report)
+    return report
