@@ -44,10 +44,10 @@ def test_dry_run_of_the_default_grid_from_the_top_level_snakefile(tmp_path):
 def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path):
     jobs = planned("--configfile", str(ROOT / "config" / "depthdp.yaml"), "--config", f"results={tmp_path}/r")
     # one latency table; one importance job per extended segment of MobileNetV2-1.0 (171) per seed, and the
-    # retest of the first seed; the DP per cell; the DepthShrinker cells whose networks set the budgets are the
+    # retest of the first seed; the DP and its diagnostics per cell; the DepthShrinker cells whose networks set the budgets are the
     # grid's own (no extra search)
     assert jobs == {"train_dense": 3, "cost_table": 1, "latency_table": 1, "importance": 4 * 171, "search": 6,
-                    "depthdp": 6, "finetune": 12, "bench": 1,
+                    "depthdp": 6, "depthdp_diagnostics": 6, "finetune": 12, "bench": 1,
                     "row": 15, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
@@ -61,7 +61,7 @@ def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):
 
 
 def test_one_cell_is_rebuilt_by_naming_its_file(tmp_path):
-    jobs = planned(f"{tmp_path}/r/depthshrinker/block/0.6/seed0/mask.json", "--config", f"results={tmp_path}/r")
+    jobs = planned(f"{tmp_path}/r/depthshrinker/block/0.4/seed0/mask.json", "--config", f"results={tmp_path}/r")
     assert jobs == {"train_dense": 1, "cost_table": 1, "search": 1}
 
 
