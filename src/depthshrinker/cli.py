@@ -137,7 +137,7 @@ def cmd_importance(args):
 def cmd_depthdp(args):
     from depthshrinker.methods.depthdp import plan
 
-    mask = plan(_config(args), args.keep, args.latency, args.entries, args.out, args.match, args.retest)
+    mask = plan(_config(args), args.keep, args.latency, args.entries, args.out, args.match)
     return {"num_segments": mask["num_segments"], "num_acts": mask["num_acts"],
             **{k: v for k, v in mask["dp"].items() if k != "spans"}}
 
@@ -145,7 +145,7 @@ def cmd_depthdp(args):
 def cmd_depthdp_diagnose(args):
     from depthshrinker.methods.depthdp import diagnose
 
-    return diagnose(_config(args), args.mask, args.ds_mask, args.latency, args.entries, args.out)
+    return diagnose(_config(args), args.mask, args.ds_mask, args.latency, args.entries, args.out, args.retest)
 
 
 def cmd_profile(args):
@@ -291,7 +291,6 @@ def parser() -> argparse.ArgumentParser:
                    "DepthShrinker keep ratio whose merged network (--match) sets it")
     s.add_argument("--latency", required=True, help="latency table CSV from `latency-table`")
     s.add_argument("--entries", nargs="+", required=True, help="importance JSON of every extended segment")
-    s.add_argument("--retest", nargs="*", default=None, help="the same entries measured again (--rep 1)")
     s.add_argument("--match", default=None, help="merged DepthShrinker checkpoint whose latency is the budget")
     s.add_argument("--out", required=True, help="mask JSON to write")
     s = add("depthdp-diagnose", cmd_depthdp_diagnose,
@@ -300,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ds-mask", required=True, help="the DepthShrinker cell's mask JSON")
     s.add_argument("--latency", required=True, help="latency table CSV from `latency-table`")
     s.add_argument("--entries", nargs="+", required=True, help="importance JSON of every extended segment")
+    s.add_argument("--retest", nargs="*", default=None, help="the same entries measured again (--rep 1)")
     s.add_argument("--out", required=True, help="JSON to write")
     s = add("profile", cmd_profile, "top-1, params, MACs and nonlinear counts of a cell's model")
     s.add_argument("--model", required=True)

@@ -1,7 +1,7 @@
 # depthdp cells (Kim et al., ICML 2023, as the authors run it): the latency table of every merge segment, the
 # importance of every extended segment (one job each, so the table fans out over cores and cluster nodes and an
 # interrupted table resumes where it stopped), then the DP writes the cell's mask.json (and
-# diagnostics.json: the DepthShrinker mask of the same budget in the DP's table); finetune (in the segment
+# diagnostics.json: the DepthShrinker mask of the same budget in the DP's table, the retest); finetune (in the segment
 # form), merge, benchmarks and row are a DepthShrinker cell's. Input functions: common.smk.
 IMPORTANCE = f"{RESULTS}/depthdp/importance/seed{{seed}}/rep{{rep}}"
 
@@ -54,7 +54,6 @@ rule depthdp:
     input:
         latency=latency_of_target,
         entries=importance_entries(0),
-        retest=importance_entries(1),
         match=matched_network,
     output:
         mask=f"{CELL}/mask.json",
@@ -66,7 +65,7 @@ rule depthdp:
         config=reads("depthdp"),
         argv=lambda w, input, output: ["depthdp", "--keep", w.keep, "--latency", input.latency, "--entries",
                                        *input.entries, "--out", output.mask]
-        + (["--retest", *input.retest] if input.retest else []) + (["--match", input.match] if input.match else []),
+        + (["--match", input.match] if input.match else []),
     resources:
         **resources("light"),
     conda:
@@ -81,6 +80,7 @@ rule depthdp_diagnostics:
         ds_mask=f"{RESULTS}/depthshrinker/block/{{keep}}/seed{{seed}}/mask.json",
         latency=latency_of_target,
         entries=importance_entries(0),
+        retest=importance_entries(1),
     output:
         f"{CELL}/diagnostics.json",
     log:
@@ -90,7 +90,8 @@ rule depthdp_diagnostics:
     params:
         config=reads("depthdp-diagnose"),
         argv=lambda w, input, output: ["depthdp-diagnose", "--mask", input.mask, "--ds-mask", input.ds_mask,
-                                       "--latency", input.latency, "--entries", *input.entries, "--out", output[0]],
+                                       "--latency", input.latency, "--entries", *input.entries, "--out", output[0]]
+        + (["--retest", *input.retest] if input.retest else []),
     resources:
         **resources("light"),
     conda:

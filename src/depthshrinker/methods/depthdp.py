@@ -16,7 +16,7 @@ Three stages, each one CLI subcommand:
   (every chosen span cut at its fastest split) and the positions that keep an activation.
 * ``diagnose``: the DepthShrinker mask of the same budget scored in the DP's own table (its activations fixed,
   the best segments for them) against the DP's optimum: does the table rank the two as their finetuned
-  accuracies do?
+  accuracies do? And, where the table was measured twice, how well the two measurements agree.
 
 ``a``/``b`` say whether an activation is kept at the span's start/end. Where the dense network has one it is
 kept; at a block end without one (MobileNetV2's projections) it is 0, or, with ``depthdp.add_relu``, 0 or 1
@@ -203,10 +203,9 @@ def _deployed(chosen: dict) -> tuple[list[tuple[int, int]], list[int]]:
 
 
 def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: list[str | Path], out: str | Path,
-         match: str | Path | None = None, retest: list[str | Path] | None = None) -> dict:
+         match: str | Path | None = None) -> dict:
     """Stage: normalise the measured table, solve Kim et al.'s DP at the budget (``match``: the deployed network
-    of the DepthShrinker cell, a merged checkpoint; else ``keep`` × dense) and write the mask ``out``. With
-    ``retest`` (the same entries measured with another adaptation seed) the mask records their rank correlation."""
+    of the DepthShrinker cell, a merged checkpoint; else ``keep`` × dense) and write the mask ``out``."""
     cfg = config["depthdp"]
     if (cfg["budget"] == "match") != (match is not None):
         raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker cell to match (--match), and only it")
@@ -232,11 +231,6 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
     diagnostics = {"entries": len(delta), "delta_min": min(delta.values()), "delta_max": max(delta.values()),
                    "single_mean": (sum(v for (s, e, _, _), v in delta.items() if e - s == 1)
                                    / max(1, sum(e - s == 1 for s, e, _, _ in delta)))}
-    if retest:
-        again = measured(retest, cfg["importance"])
-        common = sorted(set(delta) & set(again))
-        diagnostics["retest_spearman"] = spearman([delta[k] for k in common], [again[k] for k in common])
-        diagnostics["retest_entries"] = len(common)
     latency = chosen["latency"] + outside
     mask = {"method": "depthdp", "granularity": "segment", "keep_ratio": keep, "segments": [list(s) for s in segments],
             "acts": acts, "added": cfg["added_act"], "num_segments": len(segments), "num_acts": len(acts),
@@ -245,8 +239,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
                    "dense_latency": dense_latency, "importance": chosen["importance"],
                    "spans": [list(span) for span in chosen["spans"]], **diagnostics},
             "row": {"dp_budget_fraction": total / dense_latency, "dp_latency_fraction": latency / dense_latency,
-                    "dp_importance": chosen["importance"]}
-            | ({"dp_retest_spearman": diagnostics["retest_spearman"]} if retest else {})}
+                    "dp_importance": chosen["importance"]}}
     write_json(out, mask)
     return mask
 
@@ -261,15 +254,17 @@ def kept_positions(model: nn.Module, b: Body, mask: dict) -> set[int]:
 
 
 def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, latency_csv: str | Path,
-             importance_paths: list[str | Path], out: str | Path) -> dict:
+             importance_paths: list[str | Path], out: str | Path, retest: list[str | Path] | None = None) -> dict:
     """Stage: the DepthShrinker mask ``ds_mask_path`` in the DP's own table: the most important segments that keep
     exactly its activations (no budget), their Σ importance and latency, beside the DP's choice ``mask_path``;
-    writes ``out`` (JSON)."""
+    with ``retest`` (the same entries measured with another adaptation seed) the Spearman rank correlation of the
+    two measurements (``retest_spearman``); writes ``out`` (JSON)."""
     cfg = config["depthdp"]
     model = _model(config)
     b = body(model)
     segment, act, outside = read_latency_table(latency_csv)
-    table = kim_normalised(measured(importance_paths, cfg["importance"]), cfg["alpha"])
+    delta = measured(importance_paths, cfg["importance"])
+    table = kim_normalised(delta, cfg["alpha"])
     kept = kept_positions(model, b, read_mask(ds_mask_path))
     same = {(s, e, a, z): v for (s, e, a, z), v in table.items()
             if a == (s == 0 or s in kept) and z == (e in kept) and not kept & set(range(s + 1, e))}
@@ -280,5 +275,10 @@ def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, late
               "dp_importance": dp["importance"], "dp_latency": dp["latency"], "budget_latency": dp["budget_latency"],
               "ds_within_budget": ds["latency"] + outside <= dp["budget_latency"] * (1 + 1e-9),
               "dp_minus_ds_importance": dp["importance"] - ds["importance"]}
+    if retest:
+        again = measured(retest, cfg["importance"])
+        common = sorted(set(delta) & set(again))
+        report |= {"retest_spearman": spearman([delta[k] for k in common], [again[k] for k in common]),
+                   "retest_entries": len(common)}
     write_json(out, report)
     return report
