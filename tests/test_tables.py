@@ -11,7 +11,7 @@ from depthshrinker.base.timing import quartiles
 from depthshrinker.deploy.device import bench_device, cpu_latency, onnx_runtime
 from depthshrinker.deploy.merge import merge_plain
 from depthshrinker.deploy.mpc.cost import count, unit_table
-from depthshrinker.deploy.plan import apply_mask_spec, merge_policy
+from depthshrinker.deploy.plan import apply_mask_spec, conv_inputs, merge_policy
 from depthshrinker.deploy.tables import cost_table
 from depthshrinker.methods.search import read_cost_table
 from depthshrinker.nets.plain import to_plain
@@ -104,3 +104,17 @@ def test_bench_device_stage_writes_json(tmp_path):
     assert row == rows[0] and row["timed_with"] == 2
     assert row["cpu_latency_ms"] > 0 and row["ort_cpu_latency_ms"] > 0 and row["ort_cpu_speedup"] > 0
     assert (row["gpu_throughput_img_s"] is None) == (not torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
+def test_conv_inputs_are_the_shapes_the_network_sees(arch):
+    """The measured tables time each conv on its own input shape: after ResNet's max-pool too."""
+    net = to_plain(create_model(arch, 10).eval())
+    seen = []
+    hooks = [b.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[1:])))
+             for b in net.blocks]
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert [shapes[0] for shapes in conv_inputs(net.spec, 64)] == seen

@@ -122,6 +122,10 @@ def conv_inputs(spec: dict, input_size: int) -> list[list[tuple[int, int, int]]]
     shape, out = (3, input_size, input_size), []
     for block in spec["blocks"]:
         shapes = [shape]
+        pool = block.get("pool")
+        if pool:  # a max-pool block: no convs, a smaller map
+            k, s, p = pool["kernel"], pool["stride"], pool["padding"]
+            shape = (shape[0], (shape[1] + 2 * p - k) // s + 1, (shape[2] + 2 * p - k) // s + 1)
         for c in block["convs"]:
             k, s, p = c["kernel"], c["stride"], c["padding"]
             shape = (c["out"], (shape[1] + 2 * p - k) // s + 1, (shape[2] + 2 * p - k) // s + 1)
