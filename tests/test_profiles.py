@@ -49,7 +49,7 @@ def test_slurm_submit_lines_request_what_the_rules_declare(tmp_path):
                  cell / "mask.json"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("placeholder\n")
-    targets = [str(results / "depthshrinker/block/0.6/seed0/search.pt"), str(cell / "model.pt")]
+    targets = [str(results / "depthshrinker/block/0.8/seed0/search.pt"), str(cell / "model.pt")]
     proc = subprocess.Popen([*SNAKEMAKE, *targets, "--workflow-profile", "profiles/slurm",
                              "--config", f"results={results}", "--rerun-triggers", "mtime"],
                             cwd=ROOT, env=_fake_slurm(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
