@@ -256,7 +256,8 @@ def kept_positions(model: nn.Module, b: Body, mask: dict) -> set[int]:
 def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, latency_csv: str | Path,
              importance_paths: list[str | Path], out: str | Path, retest: list[str | Path] | None = None) -> dict:
     """Stage: the DepthShrinker mask ``ds_mask_path`` in the DP's own table: the most important segments that keep
-    exactly its activations (no budget), their Σ importance and latency, beside the DP's choice ``mask_path``;
+    exactly its activations within the DP's budget, their Σ importance and latency, beside the DP's choice
+    ``mask_path`` (``ds_importance`` None where its activations fit no segmentation within the budget);
     with ``retest`` (the same entries measured with another adaptation seed) the Spearman rank correlation of the
     two measurements (``retest_spearman``); writes ``out`` (JSON)."""
     cfg = config["depthdp"]
@@ -268,13 +269,15 @@ def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, late
     kept = kept_positions(model, b, read_mask(ds_mask_path))
     same = {(s, e, a, z): v for (s, e, a, z), v in table.items()
             if a == (s == 0 or s in kept) and z == (e in kept) and not kept & set(range(s + 1, e))}
-    ds = kim_dp(segment, same, len(b), math.inf, act)
     dp = read_json(mask_path)["dp"]
+    try:
+        ds = kim_dp(segment, same, len(b), dp["budget_latency"] - outside, act)
+    except ValueError:
+        ds = {"importance": None, "latency": math.nan}
     report = {"ds_mask": str(ds_mask_path), "ds_acts": len(kept), "ds_importance": ds["importance"],
               "ds_latency": ds["latency"] + outside, "dp_acts": len(read_json(mask_path)["acts"]),
               "dp_importance": dp["importance"], "dp_latency": dp["latency"], "budget_latency": dp["budget_latency"],
-              "ds_within_budget": ds["latency"] + outside <= dp["budget_latency"] * (1 + 1e-9),
-              "dp_minus_ds_importance": dp["importance"] - ds["importance"]}
+              "dp_minus_ds_importance": None if ds["importance"] is None else dp["importance"] - ds["importance"]}
     if retest:
         again = measured(retest, cfg["importance"])
         common = sorted(set(delta) & set(again))
