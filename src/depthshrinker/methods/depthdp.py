@@ -269,13 +269,14 @@ def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, late
     kept = kept_positions(model, b, read_mask(ds_mask_path))
     same = {(s, e, a, z): v for (s, e, a, z), v in table.items()
             if a == (s == 0 or s in kept) and z == (e in kept) and not kept & set(range(s + 1, e))}
-    dp = read_json(mask_path)["dp"]
+    mask = read_json(mask_path)
+    dp = mask["dp"]
     try:
         ds = kim_dp(segment, same, len(b), dp["budget_latency"] - outside, act)
     except ValueError:
         ds = {"importance": None, "latency": math.nan}
     report = {"ds_mask": str(ds_mask_path), "ds_acts": len(kept), "ds_importance": ds["importance"],
-              "ds_latency": ds["latency"] + outside, "dp_acts": len(read_json(mask_path)["acts"]),
+              "ds_latency": ds["latency"] + outside, "dp_acts": len(mask["acts"]),
               "dp_importance": dp["importance"], "dp_latency": dp["latency"], "budget_latency": dp["budget_latency"],
               "dp_minus_ds_importance": None if ds["importance"] is None else dp["importance"] - ds["importance"]}
     if retest:
