@@ -23,5 +23,5 @@ rule all:
         f"{RESULTS}/summary.csv",
         f"{RESULTS}/summary_by_cell.csv",
         [f"{RESULTS}/paired.md"] if pairs() else [],
-        [f for f in cell_files("diagnostics.json") if f.startswith(f"{RESULTS}/depthdp/")],
+        [f for f in cell_files("diagnostics.json") if f.startswith(f"{RESULTS}/depthdp/segment/")],
         f"{RESULTS}/plots",

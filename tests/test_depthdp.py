@@ -19,6 +19,7 @@ from depthshrinker.deploy.segments import body, valid_segments
 from depthshrinker.methods import depthdp
 from depthshrinker.methods.baselines import train_dense
 from depthshrinker.methods.finetune import finetune
+from depthshrinker.methods.importance import importance, reinit
 from depthshrinker.nets.chain import ChainNet
 from depthshrinker.nets.registry import create_model
 from test_backbones import random_bn_stats
@@ -52,7 +53,7 @@ def test_a_single_conv_entry_reinitialises_that_conv_and_its_norm_only(mbv2):
     b = body(mbv2)
     random_bn_stats(mbv2, 0)
     before = {k: v.clone() for k, v in mbv2.state_dict().items()}
-    depthdp._reinit(mbv2, b, 4, seed=0)
+    reinit(mbv2, b, 4, seed=0)
     changed = {k.rsplit(".", 1)[0] for k, v in mbv2.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"blocks.1.0.conv_dw", "blocks.1.0.bn2"}
 
@@ -157,15 +158,15 @@ def test_importance_then_a_depthdp_cell_finetunes_and_merges_exactly(table_confi
     checkpoint reloads and merges exactly."""
     config, lat = table_config
     train_dense(config, tmp_path / "dense.pt")
-    single = depthdp.importance(config, tmp_path / "dense.pt", "3-4-1-1", tmp_path / "single.json")
-    linear = depthdp.importance(config, tmp_path / "dense.pt", "3-5-1-0", tmp_path / "linear.json")
-    again = depthdp.importance(config, tmp_path / "dense.pt", "3-5-1-0", tmp_path / "again.json")
+    single = importance(config, tmp_path / "dense.pt", "3-4-1-1", tmp_path / "single.json")
+    linear = importance(config, tmp_path / "dense.pt", "3-5-1-0", tmp_path / "linear.json")
+    again = importance(config, tmp_path / "dense.pt", "3-5-1-0", tmp_path / "again.json")
     assert linear["delta_top1"] == linear["top1"] - linear["base_top1"] and linear["entry"] == [3, 5, 1, 0]
     assert {k: v for k, v in again.items() if k != "provenance"} == {k: v for k, v in linear.items()
                                                                      if k != "provenance"}
     assert single["entry"] == [3, 4, 1, 1] and single["base_loss"] == linear["base_loss"]
     with pytest.raises(ConfigError, match="'3-6-1-0' is not an extended segment"):
-        depthdp.importance(config, tmp_path / "dense.pt", "3-6-1-0", tmp_path / "bad.json")
+        importance(config, tmp_path / "dense.pt", "3-6-1-0", tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
 
     b = body(create_model("mobilenetv2_100", 10, True))
@@ -174,7 +175,7 @@ def test_importance_then_a_depthdp_cell_finetunes_and_merges_exactly(table_confi
     assert metrics["row"] == mask["row"]
     spec = load(tmp_path / "ft.pt")["spec"]
     assert spec["mask"] == {"method": "segments", "segments": mask["segments"], "acts": mask["acts"],
-                            "added": "relu6"}
+                            "added": "relu6", "dropped": []}
     model, _ = load_model(tmp_path / "ft.pt")
     assert isinstance(model, ChainNet)
     report = merge_checkpoint(tmp_path / "ft.pt", tmp_path / "merged.pt", config)

@@ -129,14 +129,15 @@ def cmd_latency_table(args):
 
 
 def cmd_importance(args):
-    from depthshrinker.methods.depthdp import importance
+    from depthshrinker.methods.importance import importance
 
     return importance(_config(args), args.dense, args.entry, args.out, args.rep)
 
 
 def cmd_depthdp(args):
-    from depthshrinker.methods.depthdp import plan
+    from depthshrinker.methods import depthdp, layermerge
 
+    plan = layermerge.plan if args.granularity == "layermerge" else depthdp.plan
     mask = plan(_config(args), args.keep, args.latency, args.entries, args.out, args.match)
     return {"num_segments": mask["num_segments"], "num_acts": mask["num_acts"],
             **{k: v for k, v in mask["dp"].items() if k != "spans"}}
@@ -281,12 +282,15 @@ def parser() -> argparse.ArgumentParser:
             "depthdp latency table (Kim et al.): every valid merge segment and kept activation (mpc cost model)")
     s.add_argument("--target", choices=["cpu", "gpu", "mpc"], required=True)
     s.add_argument("--out", required=True, help="CSV to write")
-    s = add("importance", cmd_importance, "depthdp importance of one extended segment (selection split)")
+    s = add("importance", cmd_importance, "depthdp importance of one table entry (selection split)")
     s.add_argument("--dense", required=True, help="dense checkpoint")
-    s.add_argument("--entry", required=True, help="extended segment s-e-a-b (body positions, activations kept)")
+    s.add_argument("--entry", required=True, help="Kim et al.'s extended segment s-e-a-b (body positions, "
+                   "activations kept), or LayerMerge's segment option s-e-k<kernel>[d]")
     s.add_argument("--rep", type=int, default=0, help="1: the retest (adaptation seed + 1000)")
     s.add_argument("--out", required=True, help="JSON to write")
-    s = add("depthdp", cmd_depthdp, "depthdp: Kim et al.'s DP under the budget; writes the mask JSON")
+    s = add("depthdp", cmd_depthdp, "depthdp: Kim et al.'s DP (or LayerMerge's) under the budget; writes the mask JSON")
+    s.add_argument("--granularity", choices=["segment", "layermerge"], default="segment",
+                   help="segment: Kim et al. 2023; layermerge: LayerMerge 2024 (segments that may drop convs)")
     s.add_argument("--keep", type=float, required=True, help="budget: fraction of the dense latency, or the "
                    "DepthShrinker keep ratio whose merged network (--match) sets it")
     s.add_argument("--latency", required=True, help="latency table CSV from `latency-table`")

@@ -26,7 +26,7 @@ AXES = [  # (column, x label, file stem, lower is better)
 COLORS = {"dense": "black", "depthshrinker": "tab:blue", "snl": "tab:orange", "metapruning": "tab:green",
           "uniform": "tab:purple", "depthdp": "tab:red", "layermerge": "tab:red"}
 MARKERS = {"full": "*", "block": "o", "layer": "p", "channel": "s", "pixel": "D", "element": "X", "width": "v",
-           "mpc": "^", "macs": "<", "params": ">", "merge": "h"}
+           "mpc": "^", "macs": "<", "params": ">", "merge": "h", "segment": "d", "layermerge": "P"}
 LABEL_MEANS = {"depthshrinker": "keep ratio", "snl": "keep ratio", "uniform": "width ×",
                "metapruning": "matched DS keep", "depthdp": "budget: DS keep"}
 ERROR_TICKS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]

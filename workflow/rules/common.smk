@@ -31,7 +31,7 @@ GRID = config["grid"]
 
 wildcard_constraints:  # only the values the config asks for: a mistyped target fails at once, naming no job
     method="dense|depthshrinker|snl|uniform|metapruning|depthdp",
-    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params|segment",
+    granularity="full|block|layer|channel|pixel|element|width|mpc|macs|params|segment|layermerge",
     keep=_keeps({1.0, *GRID["depthshrinker"]["keep"], *GRID["snl"]["keep"], *GRID["uniform"]["width"],
                  *GRID["metapruning"]["match"], *GRID["depthdp"]["keep"]}),
     seed="|".join(str(s) for s in SEEDS),
@@ -61,6 +61,8 @@ def pairs():
         out += [f"depthshrinker/block:metapruning/{c}" for c in mp["cost"]]
     if "depthshrinker/block" in ds and dp["keep"]:
         out += [f"depthdp/{g}:depthshrinker/block" for g in dp["granularity"]]
+    if {"segment", "layermerge"} <= set(dp["granularity"]) and dp["keep"]:
+        out += ["depthdp/layermerge:depthdp/segment"]
     return out
 
 
@@ -145,23 +147,28 @@ def searched(wildcards):
 
 
 @functools.cache
-def depthdp_entries():
-    """The extended segments of the configured model (each an importance job), as s-e-a-b; built once."""
+def depthdp_entries(granularity):
+    """The importance entries of the configured model (each a job): Kim et al.'s extended segments s-e-a-b
+    (``segment``) or LayerMerge's segment options s-e-k<kernel>[d] (``layermerge``); built once."""
     from depthshrinker.deploy.segments import body
-    from depthshrinker.methods.depthdp import entries, entry_key
+    from depthshrinker.methods import depthdp, layermerge
     from depthshrinker.nets.registry import create_model
 
-    model = create_model(config["model"]["arch"], 10, config["model"]["small_input"])
-    return [entry_key(e) for e in entries(body(model), config["depthdp"]["add_relu"])]
+    b = body(create_model(config["model"]["arch"], 10, config["model"]["small_input"]))
+    if granularity == "layermerge":
+        return [layermerge.entry_key(e) for e in layermerge.entries(b)]
+    return [depthdp.entry_key(e) for e in depthdp.entries(b, config["depthdp"]["add_relu"])]
 
 
 def importance_entries(rep):
-    """Input function: every importance report of the cell's seed (``rep`` 1: the retest, first seed only)."""
+    """Input function: every importance report of the cell's seed and table (``rep`` 1: the retest, first seed
+    only)."""
 
     def files(wildcards):
         if rep and not (config["depthdp"]["retest"] and int(wildcards.seed) == SEEDS[0]):
             return []
-        return [f"{RESULTS}/depthdp/importance/seed{wildcards.seed}/rep{rep}/{e}.json" for e in depthdp_entries()]
+        return [f"{RESULTS}/depthdp/importance/seed{wildcards.seed}/rep{rep}/{e}.json"
+                for e in depthdp_entries(wildcards.granularity)]
 
     return files
 

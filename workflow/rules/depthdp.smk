@@ -1,8 +1,9 @@
-# depthdp cells (Kim et al., ICML 2023, as the authors run it): the latency table of every merge segment, the
-# importance of every extended segment (one job each, so the table fans out over cores and cluster nodes and an
-# interrupted table resumes where it stopped), then the DP writes the cell's mask.json (and
-# diagnostics.json: the DepthShrinker mask of the same budget in the DP's table, the retest); finetune (in the segment
-# form), merge, benchmarks and row are a DepthShrinker cell's. Input functions: common.smk.
+# depthdp cells (Kim et al., ICML 2023, granularity segment; LayerMerge, ICML 2024, granularity layermerge; as the
+# authors run them): the latency table of every merge segment and option, the importance of every table entry (one
+# job each, so the table fans out over cores and cluster nodes and an interrupted table resumes where it stopped),
+# then the DP writes the cell's mask.json (and, for Kim et al., diagnostics.json: the DepthShrinker mask of the
+# same budget in the DP's table, the retest); finetune (in the segment form), merge, benchmarks and row are a
+# DepthShrinker cell's. Input functions: common.smk.
 IMPORTANCE = f"{RESULTS}/depthdp/importance/seed{{seed}}/rep{{rep}}"
 
 
@@ -34,7 +35,7 @@ rule importance:
     benchmark:
         f"{IMPORTANCE}/benchmarks/{{entry}}.tsv"
     wildcard_constraints:
-        entry=r"\d+-\d+-[01]-[01]",
+        entry=r"\d+-\d+-([01]-[01]|k\d+d?)",
         rep="0|1",
     params:
         config=reads("importance"),
@@ -63,8 +64,8 @@ rule depthdp:
         method="depthdp",
     params:
         config=reads("depthdp"),
-        argv=lambda w, input, output: ["depthdp", "--keep", w.keep, "--latency", input.latency, "--entries",
-                                       *input.entries, "--out", output.mask]
+        argv=lambda w, input, output: ["depthdp", "--granularity", w.granularity, "--keep", w.keep, "--latency",
+                                       input.latency, "--entries", *input.entries, "--out", output.mask]
         + (["--match", input.match] if input.match else []),
     resources:
         **resources("light"),
@@ -87,6 +88,7 @@ rule depthdp_diagnostics:
         f"{CELL}/logs/diagnostics.log",
     wildcard_constraints:
         method="depthdp",
+        granularity="segment",
     params:
         config=reads("depthdp-diagnose"),
         argv=lambda w, input, output: ["depthdp-diagnose", "--mask", input.mask, "--ds-mask", input.ds_mask,

@@ -6,7 +6,8 @@ Spec of a timm-based network::
      "gates": null | {"method": "depthshrinker", "granularity": "block", "keep_ratio": 0.4, ...},  # stage 1
      "mask":  null | {"granularity": "block", "keep": [0, 1, ...], "free_act": "none"}     # stage 2
                    | {"method": "snl", "granularity": "pixel", "shapes": {act path: shape}}
-                   | {"method": "segments", "segments": [[s, e], ...], "acts": [p, ...], "added": "relu6"}}
+                   | {"method": "segments", "segments": [[s, e], ...], "acts": [p, ...], "added": "relu6",
+                      "dropped": [p, ...]}}
 
 A ``segments`` mask (Kim et al.'s merge segments) builds the network as its ``segment_form``, a ``ChainNet``.
 
@@ -33,7 +34,8 @@ def apply_mask(model: nn.Module, mask: dict, policy: str | dict = "macs") -> nn.
     """A checkpoint spec's ``mask`` applied to ``model``: in place (``plan.apply_mask_spec``), or, for
     ``segments``, the model's ``segment_form``."""
     if mask.get("method") == "segments":
-        return segment_form(model, [tuple(s) for s in mask["segments"]], set(mask["acts"]), mask["added"])
+        return segment_form(model, [tuple(s) for s in mask["segments"]], set(mask["acts"]), mask["added"],
+                            set(mask.get("dropped", ())))
     return apply_mask_spec(model, mask, policy)
 
 

@@ -158,23 +158,39 @@ def _folded(c: LayoutConv) -> Conv:
 
 
 def _merged(chain: ChainNet, lay, s: int, e: int) -> Conv:
-    """Segment ``(s, e)`` as one float64 conv: swallowed residual blocks first, shortcut at the kernel centre."""
-    b, items, p = chain.body, [], s
+    """Segment ``(s, e)`` as one float64 conv: swallowed residual blocks first, shortcut at the kernel centre; a
+    swallowed block whose convs were all dropped (LayerMerge) is ``x + x``, a factor 2 on the next conv's input."""
+    b, items, p, scale = chain.body, [], s, 1.0
+    dropped = {q for q, c in enumerate(b.convs, start=1) if (c.block, c.index) in chain.dropped}
+    chained = functools.partial(functools.reduce, functools.partial(compose, where=f"segment ({s}, {e})"))
+
+    def add(item: Conv) -> None:
+        nonlocal scale
+        items.append(Conv(item.spec, item.weight * scale, item.bias))
+        scale = 1.0
+
     while p < e:
         block = lay.blocks[b.convs[p].block]
         tgt = b.residuals.get(p)
         if tgt is None or tgt > e:  # a conv of its own, not a residual block the segment swallows
-            items.append(_folded(block.convs[b.convs[p].index]))
+            if p + 1 not in dropped:
+                add(_folded(block.convs[b.convs[p].index]))
             p += 1
             continue
-        merged = functools.reduce(functools.partial(compose, where=f"segment ({s}, {e})"),
-                                  [_folded(c) for c in block.convs])
+        kept = [_folded(block.convs[b.convs[q - 1].index]) for q in range(p + 1, tgt + 1) if q not in dropped]
+        if not kept and block.shortcut is None:
+            scale *= 2.0
+            p = tgt
+            continue
+        merged = chained(kept) if kept else None
         shortcut = _folded(block.shortcut) if block.shortcut else None
-        if not fold_residual(merged, shortcut, offset=(merged.spec["kernel"] - 1) // 2):
+        if merged is None or not fold_residual(merged, shortcut, offset=(merged.spec["kernel"] - 1) // 2):
             raise ConfigError(f"segments: ({s}, {e}) cannot fold the shortcut of block {block.name}")
-        items.append(merged)
+        add(merged)
         p = tgt
-    return functools.reduce(functools.partial(compose, where=f"segment ({s}, {e})"), items)
+    if scale != 1.0:  # the segment ends in an emptied block: scale the output
+        items[-1] = Conv(items[-1].spec, items[-1].weight * scale, items[-1].bias * scale)
+    return chained(items)
 
 
 def _act_at(chain: ChainNet, p: int) -> str:

@@ -6,6 +6,8 @@ Costs add up: a network in ``segment_form`` merged by ``merge_segments`` costs `
 Σ its kept activations, exactly (``tests/test_depthdp.py`` checks it against ``cost.count`` of the merged
 network). A residual block's projection shortcut is paid by the segment that ends at the block's end from inside
 it (the block is not swallowed, so the shortcut stays a conv); a swallowed block's shortcut is folded, free.
+``option[(s, e, label)]`` is segment ``(s, e)`` under each of its LayerMerge options (``segments.segment_options``:
+some reducible convs dropped, so a smaller merged kernel), paid likewise.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from depthshrinker.deploy.mpc.cost import Cost, activation, block_cost, count, merged_conv
-from depthshrinker.deploy.segments import Body, body, valid_segments
+from depthshrinker.deploy.segments import Body, body, kept_convs, segment_options, valid_segments
 from depthshrinker.nets.ir import extract
 from depthshrinker.nets.plain import layout, plain_spec
 
@@ -24,11 +26,13 @@ __all__ = ["SegmentCosts", "segment_costs", "act_kind"]
 @dataclass(frozen=True)
 class SegmentCosts:
     """``segment[(s, e)]``: convs ``s+1..e`` as one conv; ``act[p]``: the activation kept at position ``p``;
-    ``outside``: everything not in the body (stem, head, pools, classifier, revealing the logits)."""
+    ``outside``: everything not in the body (stem, head, pools, classifier, revealing the logits); ``option[(s, e,
+    label)]``: segment ``(s, e)`` under a LayerMerge option (module docstring)."""
     body: Body
     segment: dict[tuple[int, int], Cost]
     act: dict[int, Cost]
     outside: Cost
+    option: dict[tuple[int, int, str], Cost]
 
 
 def act_kind(b: Body, p: int, added: str = "relu6") -> str:
@@ -59,16 +63,25 @@ def segment_costs(model: nn.Module, input_size: int, added: str = "relu6") -> Se
         conv_in.append(shape)
         conv_out.append(_single(spec["blocks"][c.block]["convs"][c.index], shape)[1])
     owner = {t: src for src, t in b.residuals.items()}
-    segment = {}
+    segment, option = {}, {}
     for s, e in valid_segments(b):
-        convs = [spec["blocks"][c.block]["convs"][c.index] for c in b.convs[s:e]]
-        cost = _single(merged_conv(convs), conv_in[s])[0]
         shortcut = spec["blocks"][b.convs[e - 1].block].get("shortcut")
-        if e in owner and owner[e] < s and shortcut:  # the block ends here, not swallowed: its shortcut stays
-            cost = cost + _single(shortcut, conv_in[owner[e]])[0]
-        segment[s, e] = cost
+        kept_shortcut = e in owner and owner[e] < s and shortcut  # the block ends here, not swallowed: it stays
+        extra = _single(shortcut, conv_in[owner[e]])[0] if kept_shortcut else Cost()
+        segment[s, e] = _merged(spec, b, range(s + 1, e + 1), conv_in[s]) + extra
+        for o in segment_options(b, s, e):
+            kept = kept_convs(b, s, e, o, {p: 0.0 for p in range(s + 1, e + 1)})  # the cost is the same for any choice
+            option[s, e, o.label] = _merged(spec, b, kept, conv_in[s], o.depthwise) + extra
     acts = {p: activation(act_kind(b, p, added), _numel(conv_out[p - 1])) for p in range(1, len(b) + 1)}
-    return SegmentCosts(b, segment, acts, outside)
+    return SegmentCosts(b, segment, acts, outside, option)
+
+
+def _merged(spec: dict, b: Body, positions, shape: tuple[int, int, int], depthwise: bool | None = None) -> Cost:
+    """The cost of the body convs at ``positions`` merged into one conv (depthwise when ``depthwise``)."""
+    merged = merged_conv([spec["blocks"][b.convs[p - 1].block]["convs"][b.convs[p - 1].index] for p in positions])
+    if depthwise is not None:
+        merged["groups"] = merged["in"] if depthwise else 1
+    return _single(merged, shape)[0]
 
 
 def _numel(shape: tuple[int, int, int]) -> int:

@@ -18,7 +18,9 @@ On MobileNetV2-1.0 this gives the reference's 171 segments (72 of them across bl
 
 LayerMerge also lets a segment *drop* convs: a conv is reducible when it keeps its channel count and has stride
 1 (it may become the identity); an option of a segment is a count of kept convs per (kernel, depthwise) kind,
-at least one conv in all; its merged kernel is ``Σ n_k·(k − 1) + 1``.
+at least one conv in all; its merged kernel is ``Σ n_k·(k − 1) + 1``. Where several counts give the same merged
+conv, the reference keeps the last in its enumeration (the most convs of the kinds that do not grow the kernel);
+which convs of a kind are kept is ``kept_convs``: the irreducible ones and the reducible ones of largest L1 norm.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch import nn
 from depthshrinker.nets.ir import Net, extract
 from depthshrinker.nets.plain import Layout, act_spec, layout
 
-__all__ = ["BodyConv", "Body", "body", "valid_segments", "segment_options", "Option"]
+__all__ = ["BodyConv", "Body", "body", "valid_segments", "segment_options", "Option", "kept_convs"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,16 @@ class Option:
     depthwise: bool
     counts: tuple[tuple[tuple[int, bool], int], ...]
 
+    @property
+    def label(self) -> str:
+        """``k<kernel>`` and ``d`` when depthwise: the option's name in entry keys and tables."""
+        return f"k{self.kernel}{'d' if self.depthwise else ''}"
+
 
 def segment_options(b: Body, s: int, e: int) -> list[Option]:
     """LayerMerge's options of segment ``(s, e)``: per (kernel, depthwise) kind, keep between its irreducible
     count and all its convs, not none in all; combinations with the same merged (kernel, depthwise) are one option
-    (the first found, fewest kept first), in order of merged kernel."""
+    (the last found, as the reference's ``get_possible_merged_conv``), in order of merged kernel."""
     kinds: dict[tuple[int, bool], list[int]] = {}
     for c in b.convs[s:e]:
         low_high = kinds.setdefault((c.kernel, c.depthwise), [0, 0])
@@ -144,5 +151,18 @@ def segment_options(b: Body, s: int, e: int) -> list[Option]:
             continue
         kernel = sum((k - 1) * n for (k, _), n in zip(keys, counts)) + 1
         depthwise = all(dw for (_, dw), n in zip(keys, counts) if n)
-        options.setdefault((kernel, depthwise), Option(kernel, depthwise, tuple(zip(keys, counts))))
+        options[kernel, depthwise] = Option(kernel, depthwise, tuple(zip(keys, counts)))
     return [options[k] for k in sorted(options)]
+
+
+def kept_convs(b: Body, s: int, e: int, option: Option, norms: dict[int, float]) -> list[int]:
+    """The body positions of segment ``(s, e)`` that ``option`` keeps: per kind every irreducible conv and the
+    reducible ones of largest ``norms[p]`` (the reference's ``find_max_importance_candidate``: L1 norm of the
+    pretrained weight; ties to the earlier conv), in forward order."""
+    kept = []
+    for (kernel, depthwise), n in option.counts:
+        kind = [p for p in range(s + 1, e + 1) if (b.convs[p - 1].kernel, b.convs[p - 1].depthwise) == (kernel, depthwise)]
+        fixed = [p for p in kind if not b.convs[p - 1].reducible]
+        free = sorted((p for p in kind if b.convs[p - 1].reducible), key=lambda p: (-norms[p], p))
+        kept += fixed + free[:n - len(fixed)]
+    return sorted(kept)

@@ -4,13 +4,12 @@
 Three stages, each one CLI subcommand:
 
 * ``latency_table``: Kim et al.'s table ``T`` under the deploy target, one row per valid merge segment
-  (``deploy.segments``, the reference's ``valid_blks``) as one conv, one per kept activation, and the fixed rest of
-  the network (``deploy.segment_cost``; ``mpc``: the CrypTen cost model at ``mpc.network``, exact).
-* ``importance``, one job per *extended segment* ``(s, e, a, b)`` (``entries``): the dense network with only
-  that segment linear (its activations removed, pad-first, ``segment_form``; a single conv re-initialised, as
-  the reference does, so that it measures what the conv is worth), finetuned ``depthdp.epochs`` epochs from the
-  dense weights with a cosine schedule (distilled as the finetune stage), then scored on the selection split;
-  minus the dense network's score without finetuning (the reference's base). Never the test split.
+  (``deploy.segments``, the reference's ``valid_blks``) as one conv, one per LayerMerge option of a segment
+  (``layermerge``), one per kept activation, and the fixed rest of the network (``deploy.segment_cost``; ``mpc``:
+  the CrypTen cost model at ``mpc.network``, exact).
+* ``importance`` (``methods.importance``), one job per *extended segment* ``(s, e, a, b)`` (``entries``): the
+  dense network with only that segment linear (its activations removed, pad-first, ``segment_form``), finetuned
+  and scored on the selection split against the dense network.
 * ``plan``: ``Δ − α·mean(Δ of the single convs)`` (uncapped, the reference's ``norm single``), the extended
   importance and the second DP (``segment_dp.kim_dp``) under the budget; writes the cell's mask: the segments
   (every chosen span cut at its fastest split) and the positions that keep an activation.
@@ -26,24 +25,20 @@ match``), or ``keep`` × the dense network's (``fraction``).
 """
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import math
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from depthshrinker.base.config import ConfigError
-from depthshrinker.base.data import build_loaders
 from depthshrinker.base.jsonio import read_json, write_json
 from depthshrinker.base.stats import spearman
 from depthshrinker.deploy.load import load_model
 from depthshrinker.deploy.mpc import cost as mpc_cost
 from depthshrinker.deploy.segment_cost import segment_costs
-from depthshrinker.deploy.segment_form import segment_form
 from depthshrinker.deploy.segments import Body, body, valid_segments
 from depthshrinker.deploy.tables import write_csv
 from depthshrinker.methods.finetune import read_mask
@@ -53,7 +48,6 @@ from depthshrinker.nets.registry import create_model
 from depthshrinker.nets.units import activation_units
 
 Entry = tuple[int, int, int, int]
-RETEST_SEED = 1000  # adaptation seed offset of the retest table
 
 
 def dense_acts(b: Body) -> set[int]:
@@ -94,7 +88,8 @@ def entry_form(b: Body, entry: Entry) -> tuple[list[tuple[int, int]], set[int]]:
     return segments, acts
 
 
-def _model(config: dict) -> nn.Module:
+def model_of(config: dict) -> nn.Module:
+    """The configured backbone, randomly initialised, with a 10-class head (its structure is what the tables need)."""
     m = config["model"]
     return create_model(m["arch"], 10, m["small_input"])
 
@@ -106,81 +101,44 @@ def latency_table(config: dict, target: str, out: str | Path) -> list[dict]:
     if target != "mpc":
         raise ConfigError(f"depthdp latency table: target '{target}' is not built yet (only mpc, the cost model)")
     size, network = config["data"]["image_size"], config["mpc"]["network"]
-    t = segment_costs(_model(config), size, config["depthdp"]["added_act"])
+    t = segment_costs(model_of(config), size, config["depthdp"]["added_act"])
 
-    def row(kind: str, s: int | str, e: int | str, c: mpc_cost.Cost) -> dict:
-        return {"kind": kind, "s": s, "e": e, "latency": mpc_cost.latency(c, network), "bytes": c.bytes,
-                "rounds": c.rounds}
+    def row(kind: str, s: int | str, e: int | str, c: mpc_cost.Cost, option: str = "") -> dict:
+        return {"kind": kind, "s": s, "e": e, "option": option, "latency": mpc_cost.latency(c, network),
+                "bytes": c.bytes, "rounds": c.rounds}
 
     rows = [row("segment", s, e, c) for (s, e), c in t.segment.items()]
+    rows += [row("option", s, e, c, label) for (s, e, label), c in t.option.items()]
     rows += [row("act", "", p, c) for p, c in t.act.items()] + [row("outside", "", "", t.outside)]
     write_csv(out, rows, f"# depthdp latency table of {config['model']['arch']} at {size}x{size}: two-party "
                          f"CrypTen cost model, {network} preset; latency in seconds, bytes per party")
     return rows
 
 
-def read_latency_table(path: str | Path) -> tuple[dict, dict, float]:
-    """(segment latencies, activation latencies, outside latency) of a ``latency_table`` CSV."""
+@dataclass(frozen=True)
+class LatencyTable:
+    """A read ``latency_table``: ``segment[(s, e)]``, ``option[(s, e, label)]`` (LayerMerge), ``act[p]`` and
+    ``outside`` latencies (s)."""
+    segment: dict[tuple[int, int], float]
+    option: dict[tuple[int, int, str], float]
+    act: dict[int, float]
+    outside: float
+
+
+def read_latency_table(path: str | Path) -> LatencyTable:
+    """The ``LatencyTable`` of a ``latency_table`` CSV."""
     if not Path(path).is_file():
         raise ConfigError(f"file not found: {path}")
     with open(path) as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     try:
-        segment = {(int(r["s"]), int(r["e"])): float(r["latency"]) for r in rows if r["kind"] == "segment"}
-        act = {int(r["e"]): float(r["latency"]) for r in rows if r["kind"] == "act"}
-        outside = next(float(r["latency"]) for r in rows if r["kind"] == "outside")
+        return LatencyTable(
+            segment={(int(r["s"]), int(r["e"])): float(r["latency"]) for r in rows if r["kind"] == "segment"},
+            option={(int(r["s"]), int(r["e"]), r["option"]): float(r["latency"]) for r in rows if r["kind"] == "option"},
+            act={int(r["e"]): float(r["latency"]) for r in rows if r["kind"] == "act"},
+            outside=next(float(r["latency"]) for r in rows if r["kind"] == "outside"))
     except (KeyError, ValueError, StopIteration) as err:
         raise ConfigError(f"{path}: not a depthdp latency table ({type(err).__name__}: {err})") from None
-    return segment, act, outside
-
-
-@torch.no_grad()
-def _reinit(model: nn.Module, b: Body, p: int, seed: int) -> None:
-    """Re-initialise conv ``p`` of the body and its BatchNorm (the reference's single-conv entries)."""
-    c = b.convs[p - 1]
-    conv = layout(model).blocks[c.block].convs[c.index]
-    torch.manual_seed(seed)
-    for module in (conv.conv, conv.bn):
-        if module is not None:
-            module.reset_parameters()
-
-
-def importance(config: dict, dense_ckpt: str | Path, entry: str, out: str | Path, rep: int = 0) -> dict:
-    """Stage: the importance of one extended segment ``entry`` (``s-e-a-b``; module docstring), measured with
-    adaptation seed ``seed + rep·1000``; writes ``out`` (JSON: the entry, the selection split's top-1 and loss
-    after the finetune and the dense network's, and their differences ``delta_top1``, ``delta_loss``)."""
-    from depthshrinker.train import Recipe, evaluate, fit
-
-    key = parse_entry(entry)
-    cfg = config["depthdp"]
-    dense, _ = load_model(dense_ckpt)
-    b = body(dense)
-    if key not in set(entries(b, cfg["add_relu"])):
-        raise ConfigError(f"depthdp entry '{entry}' is not an extended segment of this network "
-                          f"({len(entries(b, cfg['add_relu']))} are; depthdp.add_relu: {cfg['add_relu']})")
-    seed = config["seed"] + RETEST_SEED * rep
-    loaders = build_loaders(config["data"], seed)
-    base = evaluate(dense, loaders.select)
-    student = copy.deepcopy(dense)
-    if key[1] - key[0] == 1:
-        _reinit(student, b, key[1], seed)
-    chain = segment_form(student, *entry_form(b, key), added=cfg["added_act"])
-    distill = config["stages"]["distill"]["enabled"]
-    recipe = Recipe.from_config(config, "finetune", distill=distill)
-    recipe = replace(recipe, epochs=cfg["epochs"], patience=None,
-                     lr=recipe.lr if cfg["lr"] is None else recipe.lr * cfg["lr"] / config["stages"]["finetune"]["lr"])
-    out = Path(out)
-    history = fit(chain, loaders.train, loaders.select, recipe, out.with_name(out.name + ".last"),
-                  teacher=dense if distill else None, identity={"entry": entry, "rep": rep}, seed=seed,
-                  desc=f"importance {entry}")
-    last = history[-1]
-    report = {"entry": list(key), "rep": rep, "seed": seed, "top1": last["select_top1"],
-              "loss": last["select_loss"], "base_top1": base["top1"], "base_loss": base["loss"],
-              "delta_top1": last["select_top1"] - base["top1"], "delta_loss": last["select_loss"] - base["loss"],
-              "select_images": len(loaders.select.dataset), "recipe": {"epochs": recipe.epochs, "lr": recipe.lr}}
-    write_json(out, report)
-    out.with_name(out.name + ".last").unlink(missing_ok=True)
-    return report
 
 
 SIGN = {"top1": ("delta_top1", 1.0), "loss": ("delta_loss", -1.0)}  # importance = sign · Δ metric
@@ -202,36 +160,43 @@ def _deployed(chosen: dict) -> tuple[list[tuple[int, int]], list[int]]:
     return [(s, e) for s, e in zip(points, points[1:])], chosen["acts"]
 
 
+def budget(config: dict, keep: float, b: Body, table: LatencyTable,
+           match: str | Path | None) -> tuple[float, float, dict]:
+    """(budget latency, dense latency, how the budget was set) of a DP cell: with ``depthdp.budget: match`` the
+    cost-model latency of ``match`` (the DepthShrinker cell's merged checkpoint), else ``keep`` × dense."""
+    if (config["depthdp"]["budget"] == "match") != (match is not None):
+        raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker cell to match (--match), and only it")
+    dense = (table.outside + sum(table.segment[p - 1, p] for p in range(1, len(b) + 1))
+             + sum(table.act[p] for p in dense_acts(b)))
+    if match is None:
+        return keep * dense, dense, {"budget": "fraction"}
+    merged, _ = load_model(match)
+    total = mpc_cost.latency(mpc_cost.count(merged.spec, config["data"]["image_size"]), config["mpc"]["network"])
+    return total, dense, {"budget": "match", "match": str(match)}
+
+
 def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: list[str | Path], out: str | Path,
          match: str | Path | None = None) -> dict:
-    """Stage: normalise the measured table, solve Kim et al.'s DP at the budget (``match``: the deployed network
-    of the DepthShrinker cell, a merged checkpoint; else ``keep`` × dense) and write the mask ``out``."""
+    """Stage: normalise the measured table, solve Kim et al.'s DP at the budget (``budget``) and write the mask
+    ``out``."""
     cfg = config["depthdp"]
-    if (cfg["budget"] == "match") != (match is not None):
-        raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker cell to match (--match), and only it")
-    b = body(_model(config))
-    segment, act, outside = read_latency_table(latency_csv)
+    b = body(model_of(config))
+    lat = read_latency_table(latency_csv)
     delta = measured(importance_paths, cfg["importance"])
     missing = [entry_key(k) for k in entries(b, cfg["add_relu"]) if k not in delta]
     if missing:
         raise ConfigError(f"depthdp: no importance for entries {', '.join(missing[:5])} ({len(missing)} missing)")
     table = kim_normalised(delta, cfg["alpha"])
-    dense_latency = outside + sum(segment[p - 1, p] for p in range(1, len(b) + 1)) + sum(act[p] for p in dense_acts(b))
-    if match is not None:
-        merged, _ = load_model(match)
-        total = mpc_cost.latency(mpc_cost.count(merged.spec, config["data"]["image_size"]), config["mpc"]["network"])
-        source = {"budget": "match", "match": str(match)}
-    else:
-        total, source = keep * dense_latency, {"budget": "fraction"}
+    total, dense_latency, source = budget(config, keep, b, lat, match)
     try:
-        chosen = kim_dp(segment, table, len(b), total - outside, act)
+        chosen = kim_dp(lat.segment, table, len(b), total - lat.outside, lat.act)
     except ValueError as err:
-        raise ConfigError(f"depthdp: {err} (outside the body: {outside:.6g})") from None
+        raise ConfigError(f"depthdp: {err} (outside the body: {lat.outside:.6g})") from None
     segments, acts = _deployed(chosen)
     diagnostics = {"entries": len(delta), "delta_min": min(delta.values()), "delta_max": max(delta.values()),
                    "single_mean": (sum(v for (s, e, _, _), v in delta.items() if e - s == 1)
                                    / max(1, sum(e - s == 1 for s, e, _, _ in delta)))}
-    latency = chosen["latency"] + outside
+    latency = chosen["latency"] + lat.outside
     mask = {"method": "depthdp", "granularity": "segment", "keep_ratio": keep, "segments": [list(s) for s in segments],
             "acts": acts, "added": cfg["added_act"], "num_segments": len(segments), "num_acts": len(acts),
             "dp": {**source, "target": "mpc", "network": config["mpc"]["network"], "metric": cfg["importance"],
@@ -261,9 +226,9 @@ def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, late
     with ``retest`` (the same entries measured with another adaptation seed) the Spearman rank correlation of the
     two measurements (``retest_spearman``); writes ``out`` (JSON)."""
     cfg = config["depthdp"]
-    model = _model(config)
+    model = model_of(config)
     b = body(model)
-    segment, act, outside = read_latency_table(latency_csv)
+    lat = read_latency_table(latency_csv)
     delta = measured(importance_paths, cfg["importance"])
     table = kim_normalised(delta, cfg["alpha"])
     kept = kept_positions(model, b, read_mask(ds_mask_path))
@@ -272,11 +237,11 @@ def diagnose(config: dict, mask_path: str | Path, ds_mask_path: str | Path, late
     mask = read_json(mask_path)
     dp = mask["dp"]
     try:
-        ds = kim_dp(segment, same, len(b), dp["budget_latency"] - outside, act)
+        ds = kim_dp(lat.segment, same, len(b), dp["budget_latency"] - lat.outside, lat.act)
     except ValueError:
         ds = {"importance": None, "latency": math.nan}
     report = {"ds_mask": str(ds_mask_path), "ds_acts": len(kept), "ds_importance": ds["importance"],
-              "ds_latency": ds["latency"] + outside, "dp_acts": len(mask["acts"]),
+              "ds_latency": ds["latency"] + lat.outside, "dp_acts": len(mask["acts"]),
               "dp_importance": dp["importance"], "dp_latency": dp["latency"], "budget_latency": dp["budget_latency"],
               "dp_minus_ds_importance": None if ds["importance"] is None else dp["importance"] - ds["importance"]}
     if retest:

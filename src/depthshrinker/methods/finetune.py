@@ -3,7 +3,8 @@ is distilled from the dense teacher (``alpha · T² · KL + (1 − alpha) · CE`
 channel/pixel students start from the dense weights; an SNL element student starts from the weights its mask
 search trained (Cho et al. 2022, Algorithm 1, line 12 finetunes the searched network). DepthShrinker's removed
 units become identities, in pad-first form where the block will be merged; SNL's masks become fixed binary
-masks; a depthdp mask (Kim et al.'s segments) puts the network in its ``segment_form``."""
+masks; a depthdp mask (Kim et al.'s segments, LayerMerge's with dropped convs) puts the network in its
+``segment_form``."""
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,7 @@ def mask_spec(mask: dict, free_act: str) -> dict:
                 "free_act": free_act}
     if mask["method"] == "depthdp":
         return {"method": "segments", "segments": mask["segments"], "acts": mask["acts"],
-                "added": mask.get("added", "relu6")}
+                "added": mask.get("added", "relu6"), "dropped": mask.get("dropped", [])}
     return {"method": "snl", "granularity": mask["granularity"],
             "shapes": {layer["name"]: layer["shape"] for layer in mask["layers"]}}
 

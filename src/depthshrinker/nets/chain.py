@@ -29,8 +29,9 @@ def fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 class ChainNet(nn.Module):
     """``model`` as its layout's chain (module docstring); ``added_acts[str(block)]``: an activation put after a
-    block's residual add (Kim et al.'s optional ReLU6 at a block end), ``forward_features`` the map before the
-    global pool."""
+    block's residual add (Kim et al.'s optional ReLU6 at a block end); ``dropped``: the (block, conv index) pairs
+    that run as the identity, their conv and BN skipped, their activation kept (LayerMerge's pruned layers);
+    ``forward_features`` the map before the global pool."""
 
     def __init__(self, model: nn.Module, lay: Layout | None = None):
         super().__init__()
@@ -42,10 +43,9 @@ class ChainNet(nn.Module):
             convs = []
             for c in block.convs:
                 bn = paths.get(id(c.bn))
-                act = self._act(c.act_id, c.act, paths)
-                if bn is not None and act == f"{bn}.act":
-                    act = None  # timm's BatchNormAct2d runs its own activation
-                convs.append((paths[id(c.conv)] if c.conv is not None else c.pool, bn, act))
+                own = self._act(c.act_id, c.act, paths)
+                act = None if bn is not None and own == f"{bn}.act" else own  # BatchNormAct2d runs its own
+                convs.append((paths[id(c.conv)] if c.conv is not None else c.pool, bn, act, own))
             shortcut = (paths[id(block.shortcut.conv)], paths.get(id(block.shortcut.bn))) if block.shortcut else None
             self.blocks.append({"convs": convs, "residual": block.residual, "shortcut": shortcut,
                                 "stride": block.shortcut.conv.stride[0] if block.shortcut else 1,
@@ -53,6 +53,7 @@ class ChainNet(nn.Module):
                                 "pool": block.name if block.pool else None})
         self.classifier = paths[id(lay.classifier)]
         self.added_acts = nn.ModuleDict()
+        self.dropped: set[tuple[int, int]] = set()
 
     @staticmethod
     def _act(act_id: str | None, act: nn.Module | None, paths: dict) -> str | nn.Module | None:
@@ -76,8 +77,8 @@ class ChainNet(nn.Module):
                 x = self._run(block["pool"], x)
                 continue
             y = x
-            for conv, bn, act in block["convs"]:
-                y = self._run(act, self._run(bn, self._run(conv, y)))
+            for j, (conv, bn, act, own) in enumerate(block["convs"]):
+                y = self._run(own, y) if (i, j) in self.dropped else self._run(act, self._run(bn, self._run(conv, y)))
             if block["residual"]:
                 shortcut = block["shortcut"]
                 skip = fit(x, y.shape[-2:]) if block["stride"] == 1 else x
