@@ -102,6 +102,8 @@ def test_entries_and_their_forms():
     assert mb.convs[1].act == "none"  # block 1 (depthwise, projection) ends without an activation
     assert layermerge.ends_with_act(mb, 0, 2) and not layermerge.ends_with_act(mb, 1, 2)
     assert [o.label for o in segment_options(mb, 0, 2)] == ["k1", "k3"]
+    segments, acts, dropped = layermerge.entry_form(mb, (2, 5, "k3"), {})  # from a projection: none added there
+    assert acts == depthdp.dense_acts(mb) - {3, 4} | {5} and segments[2] == (2, 5) and not dropped
 
 
 def _synthetic(tmp_path, b, skip=()):

@@ -70,7 +70,7 @@ def entry_form(b: Body, entry: Entry, norms: dict[int, float]) -> tuple[list[tup
     if (s, e) not in set(valid_segments(b)) or option is None:
         raise ConfigError(f"layermerge entry '{entry_key(entry)}' is not a segment option of this network "
                           f"({len(entries(b))} are)")
-    segments, acts = depthdp.entry_form(b, (s, e, 1, int(ends_with_act(b, s, e))))
+    segments, acts = depthdp.entry_form(b, (s, e, int(s in depthdp.dense_acts(b)), int(ends_with_act(b, s, e))))
     dropped = set(range(s + 1, e + 1)) - set(kept_convs(b, s, e, option, norms))
     return segments, acts, dropped
 
