@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from depthshrinker.base.checkpoint import load
+from depthshrinker.base.checkpoint import load, save
 from depthshrinker.base.config import ConfigError
 from depthshrinker.base.jsonio import read_json, write_json
 from depthshrinker.deploy.load import load_model
@@ -21,6 +21,7 @@ from depthshrinker.methods.baselines import train_dense
 from depthshrinker.methods.finetune import finetune
 from depthshrinker.methods.importance import importance, reinit
 from depthshrinker.nets.chain import ChainNet
+from depthshrinker.nets.plain import to_plain
 from depthshrinker.nets.registry import create_model
 from test_backbones import random_bn_stats
 from test_segment_form import random_choice
@@ -147,8 +148,28 @@ def test_plan_refuses_missing_entries_an_impossible_budget_and_a_wrong_match(tab
         depthdp.plan({**config, "depthdp": {**config["depthdp"], "budget": "match"}}, 0.5, lat,
                      _synthetic(tmp_path, b, 3), tmp_path / "m.json")
     assert not (tmp_path / "m.json").exists()
-    with pytest.raises(ConfigError, match="only mpc"):
-        depthdp.latency_table(config, "cpu", tmp_path / "cpu.csv")
+    with pytest.raises(ConfigError, match="'tpu' is not one of mpc, cpu, gpu"):
+        depthdp.latency_table(config, "tpu", tmp_path / "tpu.csv")
+
+
+def test_a_measured_cpu_table_has_every_row_and_sets_a_budget_by_the_measured_ratio(table_config, tmp_path):
+    """The CPU table times every row of the cost-model table (each > 0); Kim et al.'s DP and LayerMerge's plan
+    on it; ``budget: match`` against the dense network itself is the dense latency times a ratio near 1."""
+    config, mpc = table_config
+    config = {**config, "depthdp": {**config["depthdp"], "target": "cpu"}}
+    depthdp.latency_table(config, "cpu", tmp_path / "cpu.csv")
+    cpu, ref = depthdp.read_latency_table(tmp_path / "cpu.csv"), depthdp.read_latency_table(mpc)
+    assert cpu.segment.keys() == ref.segment.keys() and cpu.option.keys() == ref.option.keys()
+    assert cpu.act.keys() == ref.act.keys()
+    assert min([*cpu.segment.values(), *cpu.option.values(), *cpu.act.values()]) > 0
+    b = body(create_model("mobilenetv2_100", 10, True))
+    mask = depthdp.plan(config, 1.0, tmp_path / "cpu.csv", _synthetic(tmp_path, b), tmp_path / "mask.json")
+    assert mask["dp"]["target"] == "cpu" and mask["dp"]["latency"] <= mask["dp"]["budget_latency"]
+    dense = to_plain(create_model("mobilenetv2_100", 10, True).eval())
+    save(tmp_path / "dense.pt", dense, dense.spec)
+    total, dense_latency, source = depthdp.budget({**config, "depthdp": {**config["depthdp"], "budget": "match"}},
+                                                  0.4, b, cpu, tmp_path / "dense.pt")
+    assert 0.5 < source["measured_ratio"] < 2 and total == pytest.approx(source["measured_ratio"] * dense_latency)
 
 
 @pytest.mark.slow

@@ -279,7 +279,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--granularity", choices=["block", "layer"], default="block")
     s.add_argument("--out", required=True)
     s = add("latency-table", cmd_latency_table,
-            "depthdp latency table (Kim et al.): every valid merge segment and kept activation (mpc cost model)")
+            "depthdp latency table (Kim et al.): every valid merge segment, option and kept activation (mpc cost "
+            "model; cpu, gpu measured)")
     s.add_argument("--target", choices=["cpu", "gpu", "mpc"], required=True)
     s.add_argument("--out", required=True, help="CSV to write")
     s = add("importance", cmd_importance, "depthdp importance of one table entry (selection split)")

@@ -181,5 +181,11 @@ def matched_network(wildcards):
 
 
 def latency_of_target(wildcards):
-    """The depthdp latency table of the deploy target (the MPC cost model)."""
-    return f"{RESULTS}/latency/mpc-segments.csv"
+    """The depthdp latency table of the deploy target (``depthdp.target``)."""
+    return f"{RESULTS}/latency/{config['depthdp']['target']}-segments.csv"
+
+
+def timing_threads(wildcards):
+    """Threads of a depthdp job that times (a measured table; a measured budget): every core, else one."""
+    measured = wildcards.get("target", config["depthdp"]["target"]) != "mpc"
+    return all_cores(wildcards) if measured else 1

@@ -13,10 +13,11 @@ rule latency_table:
     log:
         f"{RESULTS}/latency/logs/{{target}}-segments.log",
     wildcard_constraints:
-        target="mpc",
+        target="mpc|cpu|gpu",
     params:
         config=reads("latency-table"),
         argv=lambda w, output: ["latency-table", "--target", w.target, "--out", output[0]],
+    threads: timing_threads
     resources:
         **resources("light"),
     conda:
@@ -67,6 +68,7 @@ rule depthdp:
         argv=lambda w, input, output: ["depthdp", "--granularity", w.granularity, "--keep", w.keep, "--latency",
                                        input.latency, "--entries", *input.entries, "--out", output.mask]
         + (["--match", input.match] if input.match else []),
+    threads: timing_threads
     resources:
         **resources("light"),
     conda:

@@ -27,7 +27,8 @@ READS: dict[str, tuple[str, ...]] = {
     "search": (*_TRAIN, "stages.search"),  # DepthShrinker's and SNL's channel/pixel searches do not distil
     "search-distilled": (*_TRAIN, "stages.search", "stages.distill"),  # SNL element
     "extract": (),
-    "latency-table": ("data.image_size", "model.arch", "model.small_input", "mpc.network", "depthdp.added_act"),
+    "latency-table": ("data.image_size", "data.batch_size", "model.arch", "model.small_input", "mpc.network",
+                      "depthdp.added_act"),
     "importance": (*_TRAIN, "stages.finetune", "stages.distill", "depthdp.epochs", "depthdp.lr", "depthdp.add_relu",
                    "depthdp.added_act"),
     "depthdp": ("data.image_size", "model.arch", "model.small_input", "mpc.network", "depthdp"),

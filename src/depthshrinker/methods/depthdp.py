@@ -26,11 +26,13 @@ match``), or ``keep`` × the dense network's (``fraction``).
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from depthshrinker.base.config import ConfigError
@@ -39,11 +41,12 @@ from depthshrinker.base.stats import spearman
 from depthshrinker.deploy.load import load_model
 from depthshrinker.deploy.mpc import cost as mpc_cost
 from depthshrinker.deploy.segment_cost import segment_costs
+from depthshrinker.deploy.segment_timing import measured_ratio, measured_table
 from depthshrinker.deploy.segments import Body, body, valid_segments
 from depthshrinker.deploy.tables import write_csv
 from depthshrinker.methods.finetune import read_mask
 from depthshrinker.methods.segment_dp import kim_dp, kim_normalised
-from depthshrinker.nets.plain import layout
+from depthshrinker.nets.plain import layout, to_plain
 from depthshrinker.nets.registry import create_model
 from depthshrinker.nets.units import activation_units
 
@@ -94,24 +97,52 @@ def model_of(config: dict) -> nn.Module:
     return create_model(m["arch"], 10, m["small_input"])
 
 
+def _device(config: dict, target: str) -> tuple[str, int]:
+    """(device, batch) of a measured table: batch 1 on the CPU, the configured batch on a GPU."""
+    if target == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("depthdp.target: 'gpu' needs a CUDA device")
+    return ("cuda", config["data"]["batch_size"]) if target == "gpu" else ("cpu", 1)
+
+
 def latency_table(config: dict, target: str, out: str | Path) -> list[dict]:
-    """Stage: write ``out`` (CSV, ``#`` header naming the target and unit): rows ``kind`` = ``segment`` (``s``,
-    ``e``), ``act`` (position ``e``), ``outside`` (once), each with ``latency`` (s), ``bytes`` and ``rounds``; a
-    10-class head."""
-    if target != "mpc":
-        raise ConfigError(f"depthdp latency table: target '{target}' is not built yet (only mpc, the cost model)")
-    size, network = config["data"]["image_size"], config["mpc"]["network"]
-    t = segment_costs(model_of(config), size, config["depthdp"]["added_act"])
+    """Stage: write ``out`` (CSV, ``#`` header naming the target): rows ``kind`` = ``segment`` (``s``, ``e``),
+    ``option`` (``s``, ``e``, ``option``), ``act`` (position ``e``), ``outside`` (once), each with ``latency`` (s);
+    ``mpc``: the cost model (with ``bytes`` and ``rounds``), ``cpu``/``gpu``: measured (``deploy.segment_timing``);
+    a 10-class head."""
+    if target not in ("mpc", "cpu", "gpu"):
+        raise ConfigError(f"depthdp.target: '{target}' is not one of mpc, cpu, gpu")
+    size, added = config["data"]["image_size"], config["depthdp"]["added_act"]
+    rows = []
 
-    def row(kind: str, s: int | str, e: int | str, c: mpc_cost.Cost, option: str = "") -> dict:
-        return {"kind": kind, "s": s, "e": e, "option": option, "latency": mpc_cost.latency(c, network),
-                "bytes": c.bytes, "rounds": c.rounds}
+    def row(kind: str, s: int | str, e: int | str, latency: float, option: str = "", c=None) -> None:
+        rows.append({"kind": kind, "s": s, "e": e, "option": option, "latency": latency,
+                     "bytes": c.bytes if c else "", "rounds": c.rounds if c else ""})
 
-    rows = [row("segment", s, e, c) for (s, e), c in t.segment.items()]
-    rows += [row("option", s, e, c, label) for (s, e, label), c in t.option.items()]
-    rows += [row("act", "", p, c) for p, c in t.act.items()] + [row("outside", "", "", t.outside)]
-    write_csv(out, rows, f"# depthdp latency table of {config['model']['arch']} at {size}x{size}: two-party "
-                         f"CrypTen cost model, {network} preset; latency in seconds, bytes per party")
+    if target == "mpc":
+        network = config["mpc"]["network"]
+        t = segment_costs(model_of(config), size, added)
+        price = functools.partial(mpc_cost.latency, network=network)
+        note = f"two-party CrypTen cost model, {network} preset"
+        for (s, e), c in t.segment.items():
+            row("segment", s, e, price(c), c=c)
+        for (s, e, label), c in t.option.items():
+            row("option", s, e, price(c), label, c)
+        for p, c in t.act.items():
+            row("act", "", p, price(c), c=c)
+        row("outside", "", "", price(t.outside), c=t.outside)
+    else:
+        device, batch = _device(config, target)
+        m = measured_table(model_of(config), size, added, device, batch)
+        note = f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of 7"
+        for (s, e), v in m.segment.items():
+            row("segment", s, e, v)
+        for (s, e, label), v in m.option.items():
+            row("option", s, e, v, label)
+        for p, v in m.act.items():
+            row("act", "", p, v)
+        row("outside", "", "", m.outside)
+    write_csv(out, rows, f"# depthdp latency table of {config['model']['arch']} at {size}x{size}: {note}; "
+                         "latency in seconds per call, bytes per party")
     return rows
 
 
@@ -163,7 +194,9 @@ def _deployed(chosen: dict) -> tuple[list[tuple[int, int]], list[int]]:
 def budget(config: dict, keep: float, b: Body, table: LatencyTable,
            match: str | Path | None) -> tuple[float, float, dict]:
     """(budget latency, dense latency, how the budget was set) of a DP cell: with ``depthdp.budget: match`` the
-    cost-model latency of ``match`` (the DepthShrinker cell's merged checkpoint), else ``keep`` × dense."""
+    latency of ``match`` (the DepthShrinker cell's merged checkpoint): under ``mpc`` its cost-model latency, on a
+    measured target the table's dense latency × the speed ratio of the two networks timed side by side; else
+    ``keep`` × dense."""
     if (config["depthdp"]["budget"] == "match") != (match is not None):
         raise ConfigError("depthdp.budget: 'match' needs the DepthShrinker cell to match (--match), and only it")
     dense = (table.outside + sum(table.segment[p - 1, p] for p in range(1, len(b) + 1))
@@ -171,8 +204,12 @@ def budget(config: dict, keep: float, b: Body, table: LatencyTable,
     if match is None:
         return keep * dense, dense, {"budget": "fraction"}
     merged, _ = load_model(match)
-    total = mpc_cost.latency(mpc_cost.count(merged.spec, config["data"]["image_size"]), config["mpc"]["network"])
-    return total, dense, {"budget": "match", "match": str(match)}
+    size, target = config["data"]["image_size"], config["depthdp"]["target"]
+    if target == "mpc":
+        return (mpc_cost.latency(mpc_cost.count(merged.spec, size), config["mpc"]["network"]), dense,
+                {"budget": "match", "match": str(match)})
+    ratio = measured_ratio(merged, to_plain(model_of(config)), size, *_device(config, target))
+    return ratio * dense, dense, {"budget": "match", "match": str(match), "measured_ratio": ratio}
 
 
 def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: list[str | Path], out: str | Path,
@@ -199,7 +236,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
     latency = chosen["latency"] + lat.outside
     mask = {"method": "depthdp", "granularity": "segment", "keep_ratio": keep, "segments": [list(s) for s in segments],
             "acts": acts, "added": cfg["added_act"], "num_segments": len(segments), "num_acts": len(acts),
-            "dp": {**source, "target": "mpc", "network": config["mpc"]["network"], "metric": cfg["importance"],
+            "dp": {**source, "target": cfg["target"], "network": config["mpc"]["network"], "metric": cfg["importance"],
                    "alpha": cfg["alpha"], "budget_latency": total, "latency": latency,
                    "dense_latency": dense_latency, "importance": chosen["importance"],
                    "spans": [list(span) for span in chosen["spans"]], **diagnostics},

@@ -114,7 +114,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
     mask = {"method": "depthdp", "granularity": "layermerge", "keep_ratio": keep,
             "segments": [list(s) for s in segments], "acts": acts, "dropped": dropped, "added": cfg["added_act"],
             "num_segments": len(segments), "num_acts": len(acts), "num_dropped": len(dropped),
-            "dp": {**source, "target": "mpc", "network": config["mpc"]["network"], "metric": cfg["importance"],
+            "dp": {**source, "target": cfg["target"], "network": config["mpc"]["network"], "metric": cfg["importance"],
                    "budget_latency": total, "latency": latency, "dense_latency": dense_latency,
                    "importance": chosen["importance"], "options": [entry_key(k) for k in chosen["segments"]],
                    "entries": len(score)},
