@@ -142,7 +142,7 @@ def test_plan_refuses_missing_entries_an_impossible_budget_and_a_wrong_match(tab
     b = body(create_model("mobilenetv2_100", 10, True))
     with pytest.raises(ConfigError, match=r"no importance for entries 0-1-1-1 \(1 missing\)"):
         depthdp.plan(config, 0.5, lat, _synthetic(tmp_path, b, 1, skip={(0, 1, 1, 1)}), tmp_path / "m.json")
-    with pytest.raises(ConfigError, match="no choice fits"):
+    with pytest.raises(ConfigError, match=r"no choice fits the latency budget \S+ \(the fastest takes \S+\) \(body latencies"):
         depthdp.plan(config, 0.01, lat, _synthetic(tmp_path, b, 2), tmp_path / "m.json")
     with pytest.raises(ConfigError, match="needs the DepthShrinker cell"):
         depthdp.plan({**config, "depthdp": {**config["depthdp"], "budget": "match"}}, 0.5, lat,

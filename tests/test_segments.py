@@ -144,15 +144,19 @@ def test_dps_equal_brute_force(seed):
     # LayerMerge: every option of every segment
     entries = {(s, e, o): (rng.uniform(0.1, 3.0), rng.uniform(0.5, 1.5))
                for s, e in segs for o in segment_options(b, s, e)}
-    lm_best = (-math.inf, 0.0)
+    lm_best, fastest = (-math.inf, 0.0), math.inf
     for part in _partitions(set(segs), 0, n):
         for opts in itertools.product(*(segment_options(b, s, e) for s, e in part)):
             t = sum(entries[s, e, o][0] for (s, e), o in zip(part, opts))
+            fastest = min(fastest, t)
             if t <= budget * (1 + 1e-9):
                 lm_best = max(lm_best, (sum(entries[s, e, o][1] for (s, e), o in zip(part, opts)), -t))
     if lm_best[0] > -math.inf:
         got = layermerge_dp(entries, n, budget)
         assert (got["importance"], got["latency"]) == pytest.approx((lm_best[0], -lm_best[1]))
+    else:  # the refusal names the fastest choice's latency
+        with pytest.raises(ValueError, match=rf"the fastest takes {fastest:.6g}\)"):
+            layermerge_dp(entries, n, budget)
 
 
 def test_extended_importance_takes_the_best_split_at_a_linear_block_end():

@@ -54,10 +54,11 @@ def test_depthdp_config_adds_its_tables_and_cells_beside_depthshrinker(tmp_path)
 def test_the_resnet18_config_runs_the_three_methods_side_by_side(tmp_path):
     jobs = planned("--configfile", str(ROOT / "config" / "depthdp-resnet18.yaml"), "--config", f"results={tmp_path}/r")
     # per seed: Kim et al.'s 22 extended segments and LayerMerge's 30 segment options of ResNet-18 (CIFAR stem);
-    # diagnostics only for Kim et al.'s cells; rows: dense, DS block, depthdp segment and layermerge at 2 budgets
+    # diagnostics only for Kim et al.'s cells; rows: dense, DS block at 2 budgets, depthdp segment and layermerge at
+    # the one within their reach (0.8)
     assert jobs == {"train_dense": 3, "cost_table": 1, "latency_table": 1, "importance": 3 * (22 + 30), "search": 6,
-                    "depthdp": 12, "depthdp_diagnostics": 6, "finetune": 18, "bench": 1,
-                    "row": 21, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
+                    "depthdp": 6, "depthdp_diagnostics": 3, "finetune": 12, "bench": 1,
+                    "row": 15, "summarize": 1, "aggregate": 1, "paired": 1, "plots": 1, "all": 1}
 
 
 def test_seeds_multiply_only_the_work_that_depends_on_them(tmp_path):

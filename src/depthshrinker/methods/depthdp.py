@@ -228,7 +228,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
     try:
         chosen = kim_dp(lat.segment, table, len(b), total - lat.outside, lat.act)
     except ValueError as err:
-        raise ConfigError(f"depthdp: {err} (outside the body: {lat.outside:.6g})") from None
+        raise ConfigError(f"depthdp: {err} (body latencies in s; the rest of the network adds {lat.outside:.6g})") from None
     segments, acts = _deployed(chosen)
     diagnostics = {"entries": len(delta), "delta_min": min(delta.values()), "delta_max": max(delta.values()),
                    "single_mean": (sum(v for (s, e, _, _), v in delta.items() if e - s == 1)

@@ -106,7 +106,7 @@ def plan(config: dict, keep: float, latency_csv: str | Path, importance_paths: l
     try:
         chosen = layermerge_dp(graph, len(b), total - table.outside)
     except ValueError as err:
-        raise ConfigError(f"layermerge: {err} (outside the body: {table.outside:.6g})") from None
+        raise ConfigError(f"layermerge: {err} (body latencies in s; the rest of the network adds {table.outside:.6g})") from None
     segments = [(s, e) for s, e, _ in chosen["segments"]]
     acts = [e for s, e in segments if ends_with_act(b, s, e)]
     dropped = sorted(p for key in chosen["segments"] for p in score[key][1])

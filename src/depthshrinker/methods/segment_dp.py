@@ -66,8 +66,8 @@ def best_path(edges: Iterable[tuple[Hashable, Hashable, float, float, Hashable]]
               ends: Iterable[Hashable], budget: float) -> tuple[float, float, list]:
     """The path from ``start`` to one of ``ends`` with the largest Σ importance and Σ latency ≤ ``budget`` over
     ``edges`` (from, to, latency ≥ 0, importance, label), states visited in sorted order (every edge goes forward
-    in it: states are positions, or (position, activation kept)); returns (importance, latency, labels); ties go to the lower latency. Raises ValueError when no
-    path fits."""
+    in it: states are positions, or (position, activation kept)); returns (importance, latency, labels); ties go to
+    the lower latency. Raises ValueError naming the fastest path's latency when no path fits."""
     limit = budget * (1 + TOLERANCE) + TOLERANCE
     incoming: dict[Hashable, list] = {}
     states = {start}
@@ -87,7 +87,12 @@ def best_path(edges: Iterable[tuple[Hashable, Hashable, float, float, Hashable]]
         fronts[state] = front
     done = [c for end in ends for c in fronts.get(end, ())]
     if not done:
-        raise ValueError(f"no choice fits the latency budget {budget:.6g}")
+        fastest = {start: 0.0}
+        for state in sorted(states - {start}):
+            fastest[state] = min((fastest[src] + lat for src, _, lat, _, _ in incoming.get(state, ()) if src in fastest),
+                                 default=math.inf)
+        least = min(fastest.get(end, math.inf) for end in ends)
+        raise ValueError(f"no choice fits the latency budget {budget:.6g} (the fastest takes {least:.6g})")
     t, imp, labels = min(done, key=lambda c: (-c[1], c[0]))
     return imp, t, list(labels)
 
