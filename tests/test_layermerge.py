@@ -10,7 +10,7 @@ import torch
 from depthshrinker.base.config import ConfigError
 from depthshrinker.base.jsonio import read_json, write_json
 from depthshrinker.deploy.load import load_model
-from depthshrinker.deploy.merge import merge_checkpoint, merge_segments
+from depthshrinker.deploy.merge import head_input, merge_checkpoint, merge_segments
 from depthshrinker.deploy.mpc import cost as mpc_cost
 from depthshrinker.deploy.segment_cost import segment_costs
 from depthshrinker.deploy.segment_form import segment_form
@@ -61,6 +61,8 @@ def test_dropped_convs_merge_exactly_and_cost_what_the_table_says(arch, size, se
         for p in acts:
             total += table.act[p]
         assert total == mpc_cost.count(merged.spec, size)
+        with torch.no_grad():  # the features before the head, also where the last block's first conv is dropped
+            assert torch.allclose(head_input(merged, x), head_input(chain, x), rtol=0, atol=1e-9)
         kernels = {tuple(f): c["kernel"] for blk in merged.spec["blocks"] if "merged_from" in blk
                    for f, c in zip(blk["merged_from"], blk["convs"])}
         assert all(kernels[tuple(range(s + 1, e + 1))] == o.kernel for (s, e), o in zip(segments, options))

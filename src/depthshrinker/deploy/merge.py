@@ -255,7 +255,8 @@ def merge_segments(chain: ChainNet) -> PlainNet:
     classifier = lay.classifier
     spec = {"kind": "plain", "num_classes": classifier.out_features, "blocks": [bs for bs, _ in blocks],
             "classifier": {"in": classifier.in_features, "out": classifier.out_features},
-            "merge": {"policy": {"name": "segments"}, "segments": [list(seg) for seg in chain.segments]}}
+            "merge": {"policy": {"name": "segments"}, "segments": [list(seg) for seg in chain.segments],
+                      "head": last + 1 < len(lay.blocks)}}
     return build_plain(spec, [convs for _, convs in blocks], classifier)
 
 
@@ -271,13 +272,20 @@ def conv_layers(net: PlainNet) -> int:
 def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The features before the head (the input of the last PlainNet block, of its first conv in the network it
     came from: MobileNetV2's ``conv_head``): where a wrong merge shows even when the head's ReLU6 clips the
-    logits into agreement (REFERENCE §2)."""
+    logits into agreement (REFERENCE §2). A segment-merged network whose last block is in the body (a ResNet: no
+    head conv; the block may be swallowed by a longer segment) is compared at the map before the global pool."""
+    if isinstance(model, ChainNet):
+        head = model.body.convs[-1].block + 1 < len(model.blocks)
+        return model.forward_features(x, stop=len(model.blocks) - 1 if head else None)
+    if isinstance(model, PlainNet) and model.spec.get("merge", {}).get("head") is False:
+        for block in model.blocks:
+            x = block(x)
+        return x
     if isinstance(model, PlainNet):
         head = model.blocks[-1]
     else:
-        inner = model.model if isinstance(model, ChainNet) else model
-        last = layout(inner).blocks[-1]
-        head = last.convs[0].conv if last.convs else inner.get_submodule(last.name)
+        last = layout(model).blocks[-1]
+        head = last.convs[0].conv if last.convs else model.get_submodule(last.name)
     seen = []
     handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     try:

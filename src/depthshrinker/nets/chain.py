@@ -71,8 +71,11 @@ class ChainNet(nn.Module):
             return F.avg_pool2d(x, k, s, p)
         return (self.model.get_submodule(ref) if isinstance(ref, str) else ref)(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """The map before the global pool, or with ``stop`` the input of block ``stop``."""
         for i, block in enumerate(self.blocks):
+            if i == stop:
+                return x
             if block["pool"] is not None:
                 x = self._run(block["pool"], x)
                 continue
