@@ -276,7 +276,9 @@ def test_neither_party_rebuilds_the_others_secret_with_a_dealer(monkeypatch):
         assert top.abs().max() > 0.5 and abs(float(top.mean())) < 0.25
 
 
-FAULTS = {"raise": r"exited with code 1: .*RuntimeError: injected fault in the {role}",
+# "raise": exit code 1, or, when a native (gloo) thread is still running as the interpreter exits (seen under heavy
+# load), SIGABRT after the traceback; either way the message names the party and carries the exception
+FAULTS = {"raise": r"(exited with code 1|was killed by SIGABRT): .*RuntimeError: injected fault in the {role}",
           "exit0": r"exited with code 0 before writing its result",
           "kill": r"was killed by SIGKILL",
           "hang": r"hung in _fault \(party\.py"}
