@@ -33,3 +33,13 @@ def micro_config(tmp_path):
     """config/test.yaml (trains in seconds: 128 digits at 16x16, 1 epoch per stage, one cell per method), with its
     results in a temporary folder."""
     return load_config(TEST_CONFIG, {"results": str(tmp_path / "results")})
+
+
+@pytest.fixture
+def table_config(micro_config, tmp_path):
+    """The micro config with a fraction budget, and its MPC latency table of Kim et al.'s and LayerMerge's DPs."""
+    from depthshrinker.methods import depthdp
+
+    config = {**micro_config, "depthdp": {**micro_config["depthdp"], "budget": "fraction"}}
+    depthdp.latency_table(config, "mpc", tmp_path / "lat.csv")
+    return config, tmp_path / "lat.csv"

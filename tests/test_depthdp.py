@@ -90,13 +90,6 @@ def _synthetic(tmp_path, b, seed=0, skip=()):
     return paths
 
 
-@pytest.fixture
-def table_config(micro_config, tmp_path):
-    config = {**micro_config, "depthdp": {**micro_config["depthdp"], "budget": "fraction"}}
-    depthdp.latency_table(config, "mpc", tmp_path / "lat.csv")
-    return config, tmp_path / "lat.csv"
-
-
 def test_plan_meets_the_budget_and_its_latency_is_the_deployed_networks(table_config, tmp_path):
     config, lat = table_config
     b = body(create_model("mobilenetv2_100", 10, True))

@@ -124,15 +124,8 @@ def _synthetic(tmp_path, b, skip=()):
     return paths
 
 
-@pytest.fixture
-def lm_config(micro_config, tmp_path):
-    config = {**micro_config, "depthdp": {**micro_config["depthdp"], "budget": "fraction"}}
-    depthdp.latency_table(config, "mpc", tmp_path / "lat.csv")
-    return config, tmp_path / "lat.csv"
-
-
-def test_plan_meets_the_budget_and_its_latency_is_the_deployed_networks(lm_config, tmp_path):
-    config, lat = lm_config
+def test_plan_meets_the_budget_and_its_latency_is_the_deployed_networks(table_config, tmp_path):
+    config, lat = table_config
     b = body(create_model("mobilenetv2_100", 10, True))
     paths = _synthetic(tmp_path, b)
     mask = layermerge.plan(config, 0.6, lat, paths, tmp_path / "mask.json")
@@ -156,10 +149,10 @@ def test_plan_meets_the_budget_and_its_latency_is_the_deployed_networks(lm_confi
 
 
 @pytest.mark.slow
-def test_importance_of_an_option_then_a_layermerge_cell_finetunes_and_merges_exactly(lm_config, tmp_path):
+def test_importance_of_an_option_then_a_layermerge_cell_finetunes_and_merges_exactly(table_config, tmp_path):
     """An option that drops a conv is measured with that conv the identity (the report names it); a planned
     LayerMerge mask that drops convs finetunes, reloads and merges exactly, at the latency the DP planned."""
-    config, lat = lm_config
+    config, lat = table_config
     train_dense(config, tmp_path / "dense.pt")
     mb = body(create_model("mobilenetv2_100", 10, True))
     s = next(p for p in range(len(mb)) if mb.convs[p].kernel == 1 and mb.convs[p + 1].reducible)

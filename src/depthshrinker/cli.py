@@ -369,6 +369,8 @@ def _stage(args, result) -> str:
         return search_stage(args.method, args.granularity)
     if args.command == "merge" and not result.get("masked", True):
         return "merge-full"  # a network that keeps every activation
+    if args.command == "depthdp" and args.granularity == "layermerge":
+        return "depthdp-layermerge"
     return args.command
 
 

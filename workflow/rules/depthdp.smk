@@ -64,7 +64,7 @@ rule depthdp:
     wildcard_constraints:
         method="depthdp",
     params:
-        config=reads("depthdp"),
+        config=lambda w: reads("depthdp-layermerge" if w.granularity == "layermerge" else "depthdp")(w),
         argv=lambda w, input, output: ["depthdp", "--granularity", w.granularity, "--keep", w.keep, "--latency",
                                        input.latency, "--entries", *input.entries, "--out", output.mask]
         + (["--match", input.match] if input.match else []),

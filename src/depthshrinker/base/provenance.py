@@ -29,9 +29,13 @@ READS: dict[str, tuple[str, ...]] = {
     "extract": (),
     "latency-table": ("data.image_size", "data.batch_size", "model.arch", "model.small_input", "mpc.network",
                       "depthdp.added_act"),
-    "importance": (*_TRAIN, "stages.finetune", "stages.distill", "depthdp.epochs", "depthdp.lr", "depthdp.add_relu",
-                   "depthdp.added_act"),
-    "depthdp": ("data.image_size", "model.arch", "model.small_input", "mpc.network", "depthdp"),
+    # an entry is measured alike whatever depthdp.add_relu (which only decides which entries exist)
+    "importance": (*_TRAIN, "stages.finetune", "stages.distill", "depthdp.epochs", "depthdp.lr", "depthdp.added_act"),
+    "depthdp": ("data.image_size", "data.batch_size", "model.arch", "model.small_input", "mpc.network",
+                "depthdp.target", "depthdp.budget", "depthdp.importance", "depthdp.alpha", "depthdp.add_relu",
+                "depthdp.added_act"),  # Kim et al.'s DP; depthdp.retest decides only the diagnostics
+    "depthdp-layermerge": ("data.image_size", "data.batch_size", "model.arch", "model.small_input", "mpc.network",
+                           "depthdp.target", "depthdp.budget", "depthdp.importance", "depthdp.added_act"),
     "depthdp-diagnose": ("model.arch", "model.small_input", "depthdp"),
     "finetune": (*_TRAIN, "model.free_act", "stages.search.latency_target", "stages.finetune", "stages.distill",
                  "mpc.network"),
@@ -53,8 +57,8 @@ CHAINS: dict[str, tuple[str, ...]] = {  # the stages a cell's row depends on, by
     "snl": ("train-dense", "search-distilled", "extract", "finetune", *_DEPLOY),  # the union over granularities
     "uniform": ("train-dense", "train-uniform", *_KEPT),
     "metapruning": ("train-dense", "cost-table", "search", "extract", "finetune", "metaprune", "merge", *_KEPT),
-    "depthdp": ("train-dense", "latency-table", "importance", "depthdp", "cost-table", "search", "extract",
-                "finetune", *_DEPLOY),  # with depthdp.budget match, the DepthShrinker mask sets the budget
+    "depthdp": ("train-dense", "latency-table", "importance", "depthdp", "depthdp-layermerge", "cost-table",
+                "search", "extract", "finetune", *_DEPLOY),  # with depthdp.budget match, the DepthShrinker mask sets the budget
 }
 
 

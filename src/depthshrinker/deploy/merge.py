@@ -157,11 +157,11 @@ def _folded(c: LayoutConv) -> Conv:
     return Conv({**c.spec(), "act": "none"}, weight.to(torch.float64), bias.to(torch.float64))
 
 
-def _merged(chain: ChainNet, lay, s: int, e: int) -> Conv:
-    """Segment ``(s, e)`` as one float64 conv: swallowed residual blocks first, shortcut at the kernel centre; a
-    swallowed block whose convs were all dropped (LayerMerge) is ``x + x``, a factor 2 on the next conv's input."""
+def _merged(chain: ChainNet, lay, s: int, e: int, dropped: set[int]) -> Conv:
+    """Segment ``(s, e)`` as one float64 conv: swallowed residual blocks first, shortcut at the kernel centre; the
+    body positions ``dropped`` (LayerMerge) left out, a swallowed block whose convs were all dropped being ``x + x``,
+    a factor 2 on the next conv's input."""
     b, items, p, scale = chain.body, [], s, 1.0
-    dropped = {q for q, c in enumerate(b.convs, start=1) if (c.block, c.index) in chain.dropped}
     chained = functools.partial(functools.reduce, functools.partial(compose, where=f"segment ({s}, {e})"))
 
     def add(item: Conv) -> None:
@@ -221,6 +221,7 @@ def merge_segments(chain: ChainNet) -> PlainNet:
         span.setdefault(c.block, [p, p + 1])[1] = p + 1
     first, last = b.convs[0].block, b.convs[-1].block
     start_of = {s: (s, e) for s, e in chain.segments}
+    dropped = {q for q, c in enumerate(b.convs, start=1) if (c.block, c.index) in chain.dropped}
     blocks: list[tuple[dict, list[Conv]]] = [_outside(block) for block in lay.blocks[:first]]
     p = 0
     for i in range(first, last + 1):
@@ -235,7 +236,7 @@ def merge_segments(chain: ChainNet) -> PlainNet:
             convs, merged_from = [], []
             while p < tgt:
                 s, e = start_of[p]
-                convs.append(_merged(chain, lay, s, e))
+                convs.append(_merged(chain, lay, s, e, dropped))
                 convs[-1].spec["act"] = _act_at(chain, e) if e < tgt else "none"
                 merged_from.append(list(range(s + 1, e + 1)))
                 p = e
@@ -246,7 +247,7 @@ def merge_segments(chain: ChainNet) -> PlainNet:
             continue
         while p < tgt:
             s, e = start_of[p]
-            conv = _merged(chain, lay, s, e)
+            conv = _merged(chain, lay, s, e, dropped)
             conv.spec["act"] = _act_at(chain, e)
             blocks.append(({"convs": [conv.spec], "residual": False, "free_act": "none",
                             "merged_from": [list(range(s + 1, e + 1))]}, [conv]))

@@ -53,7 +53,7 @@ def measured_table(model: nn.Module, input_size: int, added: str, device: str, b
                    repeats: int = 7) -> MeasuredTable:
     """The table of ``model`` on a ``(3, input_size, input_size)`` image, measured (module docstring)."""
     t = segment_pieces(model, input_size, added)
-    modules = {("conv", repr(sorted(c.items())), shape): (_conv({**c, "act": "none"}), shape)
+    modules = {("conv", tuple(sorted(c.items())), shape): (_conv({**c, "act": "none"}), shape)
                for pieces in (*t.segment.values(), *t.option.values()) for c, shape in pieces}
     modules |= {("act", kind, shape): (ACTS[kind](), shape) for kind, shape in t.act.values()}
     dense = to_plain(model)
@@ -61,7 +61,7 @@ def measured_table(model: nn.Module, input_size: int, added: str, device: str, b
     time = _medians(modules, device, batch, repeats)
 
     def price(pieces: list) -> float:
-        return sum(time["conv", repr(sorted(c.items())), shape] for c, shape in pieces)
+        return sum(time["conv", tuple(sorted(c.items())), shape] for c, shape in pieces)
 
     segment = {k: price(v) for k, v in t.segment.items()}
     act = {p: time["act", kind, shape] for p, (kind, shape) in t.act.items()}

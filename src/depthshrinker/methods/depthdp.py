@@ -26,7 +26,6 @@ match``), or ``keep`` × the dense network's (``fraction``).
 from __future__ import annotations
 
 import csv
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -112,35 +111,24 @@ def latency_table(config: dict, target: str, out: str | Path) -> list[dict]:
     if target not in ("mpc", "cpu", "gpu"):
         raise ConfigError(f"depthdp.target: '{target}' is not one of mpc, cpu, gpu")
     size, added = config["data"]["image_size"], config["depthdp"]["added_act"]
-    rows = []
-
-    def row(kind: str, s: int | str, e: int | str, latency: float, option: str = "", c=None) -> None:
-        rows.append({"kind": kind, "s": s, "e": e, "option": option, "latency": latency,
-                     "bytes": c.bytes if c else "", "rounds": c.rounds if c else ""})
-
     if target == "mpc":
         network = config["mpc"]["network"]
         t = segment_costs(model_of(config), size, added)
-        price = functools.partial(mpc_cost.latency, network=network)
         note = f"two-party CrypTen cost model, {network} preset"
-        for (s, e), c in t.segment.items():
-            row("segment", s, e, price(c), c=c)
-        for (s, e, label), c in t.option.items():
-            row("option", s, e, price(c), label, c)
-        for p, c in t.act.items():
-            row("act", "", p, price(c), c=c)
-        row("outside", "", "", price(t.outside), c=t.outside)
+
+        def cells(c: mpc_cost.Cost) -> dict:
+            return {"latency": mpc_cost.latency(c, network), "bytes": c.bytes, "rounds": c.rounds}
     else:
         device, batch = _device(config, target)
-        m = measured_table(model_of(config), size, added, device, batch)
+        t = measured_table(model_of(config), size, added, device, batch)
         note = f"measured on {device}, batch {batch}, {torch.get_num_threads()} threads, median of 7"
-        for (s, e), v in m.segment.items():
-            row("segment", s, e, v)
-        for (s, e, label), v in m.option.items():
-            row("option", s, e, v, label)
-        for p, v in m.act.items():
-            row("act", "", p, v)
-        row("outside", "", "", m.outside)
+
+        def cells(v: float) -> dict:
+            return {"latency": v, "bytes": "", "rounds": ""}
+    rows = [{"kind": "segment", "s": s, "e": e, "option": "", **cells(v)} for (s, e), v in t.segment.items()]
+    rows += [{"kind": "option", "s": s, "e": e, "option": label, **cells(v)} for (s, e, label), v in t.option.items()]
+    rows += [{"kind": "act", "s": "", "e": p, "option": "", **cells(v)} for p, v in t.act.items()]
+    rows += [{"kind": "outside", "s": "", "e": "", "option": "", **cells(t.outside)}]
     write_csv(out, rows, f"# depthdp latency table of {config['model']['arch']} at {size}x{size}: {note}; "
                          "latency in seconds per call, bytes per party")
     return rows
